@@ -1,0 +1,174 @@
+"""Checkpoint loading: local and ``s3://`` paths, https URLs, BagNet release and torchvision names.
+
+Downloads go to ``$BAGNET_CACHE`` (default ``~/.cache/bagnet/checkpoints/``) under the URL's
+file name; a file already there is used without touching the network, so offline machines can be
+served by copying the checkpoint into the cache.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from torch import Tensor, nn
+
+from bagnet.imagenet import read_bytes
+
+__all__ = [
+    "RELEASE_URLS", "cache_dir", "cache_path", "resolve_url", "read_state_dict", "load_weights",
+]
+
+_RELEASE_PREFIX = (
+    "https://bitbucket.org/wielandbrendel/bag-of-feature-pretrained-models/raw/"
+    "249e8fa82c0913623a807d9d35eeab9da7dcc2a8/"
+)
+RELEASE_URLS: dict[str, str] = {
+    "bagnet9": _RELEASE_PREFIX + "bagnet8-34f4ccd2.pth.tar",
+    "bagnet17": _RELEASE_PREFIX + "bagnet16-105524de.pth.tar",
+    "bagnet33": _RELEASE_PREFIX + "bagnet32-2ddd53ed.pth.tar",
+}
+# The original code names the models by q - 1.
+_RELEASE_ALIASES = {"bagnet8": "bagnet9", "bagnet16": "bagnet17", "bagnet32": "bagnet33"}
+
+
+def cache_dir() -> Path:
+    """``$BAGNET_CACHE`` or ``~/.cache/bagnet/checkpoints``."""
+    env = os.environ.get("BAGNET_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "bagnet" / "checkpoints"
+
+
+def cache_path(url: str) -> Path:
+    """Where the checkpoint at ``url`` is (or would be) cached."""
+    return cache_dir() / os.path.basename(urlparse(url).path)
+
+
+def _torchvision_url(weights: str, name: str | None) -> str | None:
+    """URL of a torchvision weights name (``"ResNet50_Weights.IMAGENET1K_V2"``, ``"DEFAULT"``)."""
+    import torchvision
+
+    if "." in weights and weights.split(".", 1)[0].endswith("_Weights"):
+        try:
+            return torchvision.models.get_weight(weights).url
+        except (KeyError, ValueError, AttributeError):
+            return None
+    if name is None or not re.fullmatch(r"[A-Z][A-Z0-9_]*", weights):
+        return None
+    try:
+        enum = torchvision.models.get_model_weights(name)
+    except (KeyError, ValueError):
+        return None
+    member = enum.__members__.get(weights)
+    return member.url if member is not None else None
+
+
+def resolve_url(weights: str, name: str | None = None) -> str | None:
+    """The download URL for a release or torchvision weights name, else ``None``.
+
+    ``name`` is the zoo model name; it resolves ``"release"`` and short torchvision names.
+    """
+    if weights.startswith(("http://", "https://")):
+        return weights
+    key = name if weights == "release" else weights
+    key = _RELEASE_ALIASES.get(key, key) if key else key
+    if key in RELEASE_URLS:
+        if weights == "release" or name is None or name == key:
+            return RELEASE_URLS[key]
+        raise ValueError(f"weights {weights!r} are the release of {key}, not of {name}")
+    if weights == "release":
+        raise ValueError(f"no released weights for model {name!r}; known: {list(RELEASE_URLS)}")
+    return _torchvision_url(weights, name)
+
+
+def _download(url: str) -> Path:
+    path = cache_path(url)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(path), progress=False)
+    except Exception as exc:  # noqa: BLE001 - any network failure gets the same advice
+        raise RuntimeError(
+            f"could not download {url} ({type(exc).__name__}: {exc}); "
+            f"download it elsewhere and place it at {path}"
+        ) from exc
+    return path
+
+
+def _unwrap(obj: Any, source: str) -> dict[str, Tensor]:
+    """Plain state_dict from a checkpoint object; strips a DataParallel ``module.`` prefix."""
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise ValueError(f"{source} does not hold a state_dict (or a dict with one under "
+                         "'state_dict' or 'model')")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def read_state_dict(weights: Any, name: str | None = None) -> dict[str, Tensor]:
+    """Load a state_dict from any source :func:`load_weights` accepts (on CPU)."""
+    if isinstance(weights, Mapping):
+        return _unwrap(weights, "the given mapping")
+    if hasattr(weights, "url") and hasattr(weights, "transforms"):  # torchvision WeightsEnum
+        weights = weights.url
+    if isinstance(weights, os.PathLike):
+        weights = os.fspath(weights)
+    if not isinstance(weights, str):
+        raise TypeError(f"unsupported weights {weights!r}")
+    if weights.startswith("s3://"):
+        src: Any = io.BytesIO(read_bytes(weights))
+    elif Path(weights).expanduser().is_file():
+        src = Path(weights).expanduser()
+    else:
+        url = resolve_url(weights, name)
+        if url is None:
+            raise ValueError(
+                f"cannot resolve weights {weights!r} for model {name!r}: not a local file, "
+                "s3:// path, URL, BagNet release name or torchvision weights name"
+            )
+        src = _download(url)
+    state = torch.load(src, map_location="cpu", weights_only=True)
+    return _fix_densenet_keys(_unwrap(state, weights))
+
+
+def _fix_densenet_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Rename old torchvision DenseNet keys (``norm.1.weight`` -> ``norm1.weight``)."""
+    pattern = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))\.([12])\.")
+    return {pattern.sub(r"\1\2.", k): v for k, v in state.items()}
+
+
+def load_weights(
+    model: nn.Module, weights: Any, *, strict: bool = True, name: str | None = None
+) -> nn.Module:
+    """Load ``weights`` into ``model`` and return it.
+
+    ``weights``: a state_dict, a local ``.pt/.pth/.pth.tar`` path, an ``s3://`` path (endpoint
+    from ``AWS_ENDPOINT_URL``), an https URL, ``"release"`` / ``"bagnet33"`` etc. for the
+    original BagNet checkpoints, or a torchvision weights name (``"IMAGENET1K_V1"``,
+    ``"ResNet50_Weights.IMAGENET1K_V2"``, ``"DEFAULT"``). ``name`` is the zoo model name
+    (default ``model.zoo_name``). A shape mismatch raises ``ValueError`` naming the key when
+    ``strict``; otherwise mismatched keys are skipped with a warning.
+    """
+    name = name or getattr(model, "zoo_name", None)
+    state = read_state_dict(weights, name)
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        details = "; ".join(
+            f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in bad
+        )
+        if strict:
+            raise ValueError(f"shape mismatch loading {weights!r}: {details}")
+        warnings.warn(f"skipping mismatched keys: {details}", stacklevel=2)
+        state = {k: v for k, v in state.items() if k not in bad}
+    model.load_state_dict(state, strict=strict)
+    return model

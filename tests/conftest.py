@@ -1,0 +1,25 @@
+"""Shared fixtures: one local Ray instance for the whole session (starting one costs seconds)."""
+
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.pop("RAY_ADDRESS", None)
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from cluster.ray_env import init_ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=400 * 1024**2)
+    init_ray()
+    yield ray
+    ray.shutdown()
