@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported by callers that pass tensors; analysis needs only numpy
+    import torch
 
 
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, torch.Tensor]:
+def topk_correct(logits: "torch.Tensor", labels: "torch.Tensor", ks: tuple[int, ...] = (1, 5)) -> "dict[int, torch.Tensor]":
     """Per-sample booleans: is the label among the top-k logits, for each k (k capped at #classes)."""
     kmax = min(max(ks), logits.shape[1])
     top = logits.topk(kmax, dim=1).indices

@@ -1,0 +1,118 @@
+"""Plain predictions: top-5 classes, label logit and max logit of every image.
+
+Table-level analysis of the ``predictions`` table lives here too: error consistency (Cohen's
+kappa of two models' trial-by-trial correctness, Geirhos et al. 2020) and the correlation of
+per-class accuracies between models.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from bagnet.experiments.base import ExperimentContext, forward_in_chunks
+from bagnet.metrics import cohens_kappa, per_class_accuracy, topk_correct
+
+TABLE = "predictions"
+TOPK = 5
+
+
+@dataclass
+class Params:
+    """No parameters: the image logits are all this experiment needs."""
+
+
+def run(model: nn.Module, images: Tensor, labels: Tensor, params: Params, *,
+        ctx: ExperimentContext) -> list[dict]:
+    """One row per image: ``pred_top5`` (best first; fewer with < 5 classes), ``correct_top1``,
+    ``correct_top5``, ``label_logit``, ``max_logit``, plus ``image_id`` and ``label``."""
+    with torch.inference_mode():
+        logits = forward_in_chunks(model, images, ctx.batch_size).float()
+    labels = labels.to(logits.device)
+    top = logits.topk(min(TOPK, logits.shape[1]), dim=1).indices.cpu().tolist()
+    hits = topk_correct(logits, labels, (1, TOPK))
+    label_logit = logits.gather(1, labels.view(-1, 1)).squeeze(1).cpu().tolist()
+    max_logit = logits.max(dim=1).values.cpu().tolist()
+    top1, top5 = hits[1].cpu().tolist(), hits[TOPK].cpu().tolist()
+    return [
+        {"image_id": ctx.image_ids[i], "label": int(y), "pred_top5": top[i],
+         "correct_top1": bool(top1[i]), "correct_top5": bool(top5[i]),
+         "label_logit": label_logit[i], "max_logit": max_logit[i]}
+        for i, y in enumerate(labels.cpu().tolist())
+    ]
+
+
+def _models(df: pd.DataFrame) -> list[str]:
+    return list(dict.fromkeys(df["model"].astype(str)))
+
+
+def correctness_matrix(df: pd.DataFrame, column: str = "correct_top1") -> pd.DataFrame:
+    """``image_id x model`` table of ``column`` (NaN where a model lacks an image). Raises
+    ``ValueError`` when an (image, model) pair occurs twice, e.g. two runs mixed."""
+    data = df.assign(model=df["model"].astype(str))
+    dup = data.duplicated(["image_id", "model"])
+    if dup.any():
+        first = data.loc[dup, ["image_id", "model"]].iloc[0]
+        raise ValueError(f"{int(dup.sum())} duplicate (image_id, model) rows, e.g. "
+                         f"{first['image_id']!r} of {first['model']!r}; select one run first")
+    wide = data.pivot(index="image_id", columns="model", values=column)
+    return wide[_models(df)]
+
+
+def error_consistency(df: pd.DataFrame, column: str = "correct_top1") -> pd.DataFrame:
+    """Cohen's kappa between every pair of models, on the images both classified.
+
+    ``df``: the predictions table (``model``, ``image_id``, ``column``). Returns one row per
+    pair: ``model_a, model_b, n_images, accuracy_a, accuracy_b, observed_agreement, kappa``
+    (kappa NaN when both models are always right or always wrong on those images)."""
+    wide = correctness_matrix(df, column)
+    out = []
+    for a, b in combinations(wide.columns, 2):
+        both = wide[[a, b]].dropna()
+        ca, cb = both[a].astype(bool).to_numpy(), both[b].astype(bool).to_numpy()
+        out.append({
+            "model_a": a, "model_b": b, "n_images": len(both),
+            "accuracy_a": float(ca.mean()) if len(both) else np.nan,
+            "accuracy_b": float(cb.mean()) if len(both) else np.nan,
+            "observed_agreement": float((ca == cb).mean()) if len(both) else np.nan,
+            "kappa": cohens_kappa(ca, cb) if len(both) else np.nan,
+        })
+    return pd.DataFrame(out, columns=["model_a", "model_b", "n_images", "accuracy_a", "accuracy_b",
+                                      "observed_agreement", "kappa"])
+
+
+def class_accuracy(df: pd.DataFrame, column: str = "correct_top1",
+                   num_classes: int | None = None) -> pd.DataFrame:
+    """``label x model`` accuracy (NaN for classes without images)."""
+    num_classes = num_classes or int(df["label"].max()) + 1
+    data = df.assign(model=df["model"].astype(str))
+    acc = {m: per_class_accuracy(g[column].to_numpy(bool), g["label"].to_numpy(int), num_classes)
+           for m, g in data.groupby("model", sort=False)}
+    out = pd.DataFrame({m: acc[m] for m in _models(df)})
+    out.index.name = "label"
+    return out
+
+
+def class_accuracy_correlation(df: pd.DataFrame, column: str = "correct_top1",
+                               method: str = "pearson") -> pd.DataFrame:
+    """Correlation of per-class accuracies between every pair of models (classes both have
+    images of). Returns ``model_a, model_b, n_classes, correlation`` (``method``: pearson,
+    spearman or kendall; NaN when a model's accuracy is constant over those classes)."""
+    acc = class_accuracy(df, column)
+    out = []
+    for a, b in combinations(acc.columns, 2):
+        both = acc[[a, b]].dropna()
+        corr = both[a].corr(both[b], method=method) if len(both) > 1 else np.nan
+        out.append({"model_a": a, "model_b": b, "n_classes": len(both), "correlation": float(corr)})
+    return pd.DataFrame(out, columns=["model_a", "model_b", "n_classes", "correlation"])
+
+
+__all__ = [
+    "TABLE", "Params", "run", "correctness_matrix", "error_consistency", "class_accuracy",
+    "class_accuracy_correlation",
+]
