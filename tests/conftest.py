@@ -11,6 +11,8 @@ os.environ.pop("RAY_ADDRESS", None)
 
 import pytest
 
+pytest_plugins = ["tests.fixtures_s3"]  # one moto S3 server for the session: s3_server, s3_bucket
+
 
 @pytest.fixture(scope="session")
 def ray_session():

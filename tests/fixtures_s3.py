@@ -1,7 +1,7 @@
 """A real S3 API for tests: moto's server on loopback, with the AWS_* variables pointing at it.
 
-Import these fixtures in a test module (``from tests.fixtures_s3 import s3_server, s3_bucket``)
-or list the module in ``conftest.pytest_plugins``. The variables are set in this process only;
+Registered for every test by ``pytest_plugins`` in tests/conftest.py.
+The variables are set in this process only;
 Ray workers started earlier do not see them, which is why jobs forward them (see
 docs/experiments.md).
 """

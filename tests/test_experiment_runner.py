@@ -18,7 +18,7 @@ from bagnet.experiments import predictions
 from bagnet.models import create_model
 from cluster import results, storage
 from jobs import experiment as job
-from tests.fixtures_s3 import s3_bucket, s3_server, storage_options  # noqa: F401 - fixtures
+from tests.fixtures_s3 import storage_options
 
 COMMON = ["run_id", "experiment", "model", "q", "weights", "dataset", "split", "image_id", "label",
           "seed", "precision", "created_at", "code_version"]

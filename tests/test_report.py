@@ -16,7 +16,6 @@ from analysis import report as R
 from analysis import tables as T
 from analysis.html import Table
 from tests import make_tables as M
-from tests.fixtures_s3 import s3_bucket, s3_server  # noqa: F401 - fixtures
 
 
 @pytest.fixture(scope="module")

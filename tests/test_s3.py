@@ -6,7 +6,7 @@ import torch
 from bagnet.data import ImageFolderIndex, SyntheticWorld, materialize
 from bagnet.models import create_model
 from cluster import results, storage
-from tests.fixtures_s3 import s3_bucket, s3_server, storage_options  # noqa: F401 - fixtures
+from tests.fixtures_s3 import storage_options
 
 
 def test_weights_from_s3_are_identical(s3_bucket):
