@@ -1,0 +1,119 @@
+"""Patch-evidence heatmaps of a BagNet (:mod:`bagnet.heatmap`) as result rows, and a gallery.
+
+One row per (image, target class): ``target``, ``height``, ``width``, ``values`` (float32,
+row-major, ``height * width``), ``resolution`` ("full" or "coarse"), ``stride`` and ``origin``
+(entry ``(i, j)`` is the patch centred on image pixel ``(origin + stride*i, origin + stride*j)``:
+``1, 0`` for full-resolution maps, ``model.stride, offset + (q-1)/2`` for coarse ones), plus
+``image_id`` and ``label``. :func:`render` turns rows back into a gallery PNG.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from bagnet.config import require
+from bagnet.experiments.base import ExperimentContext, forward_in_chunks
+from bagnet.heatmap import DEFAULT_MAX_PIXELS, check_bagnet, coarse_heatmap, heatmap
+
+TABLE = "heatmaps"
+
+
+@dataclass
+class Params:
+    """``targets``: "label" (each image's label), "top1" (the model's prediction) or a list of
+    class indices shared by all images; ``resolution``: "full" (one value per pixel) or "coarse"
+    (one per model patch); ``method``: full-resolution algorithm; ``max_pixels``: heatmap values
+    per forward pass (the memory bound)."""
+
+    targets: str | list[int] = "label"
+    resolution: Literal["full", "coarse"] = "full"
+    method: Literal["dense", "shift"] = "dense"
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def validate(self) -> None:
+        if isinstance(self.targets, str):
+            require(self.targets in ("label", "top1"), "targets",
+                    f"{self.targets!r} is not 'label', 'top1' or a list of class indices")
+        else:
+            require(len(self.targets) > 0 and min(self.targets) >= 0, "targets",
+                    f"{self.targets!r}: expected a non-empty list of class indices >= 0")
+        require(self.max_pixels >= 64, "max_pixels", f"{self.max_pixels} is below 64")
+
+
+def _targets(model: nn.Module, images: Tensor, labels: Tensor, params: Params,
+             ctx: ExperimentContext) -> Tensor:
+    if params.targets == "label":
+        return labels.to(images.device).view(-1, 1)
+    if params.targets == "top1":
+        with torch.inference_mode():
+            return forward_in_chunks(model, images, ctx.batch_size).argmax(1).view(-1, 1)
+    return torch.as_tensor(list(params.targets), device=images.device).expand(len(images), -1)
+
+
+def run(model: nn.Module, images: Tensor, labels: Tensor, params: Params, *,
+        ctx: ExperimentContext) -> list[dict]:
+    """Heatmaps of ``params.targets`` for every image (rows described in the module docstring).
+
+    Raises ``ValueError`` for models that are not BagNets, and for full resolution with an
+    aligned (padded) BagNet."""
+    try:
+        bag = check_bagnet(model, full_resolution=params.resolution == "full")
+    except ValueError as err:
+        raise ValueError(f"heatmaps experiment on {ctx.model_name!r}: {err}") from None
+    targets = _targets(bag, images, labels, params, ctx)
+    if params.resolution == "full":
+        maps = heatmap(bag, images, targets, method=params.method, max_pixels=params.max_pixels)
+        stride, origin = 1, 0
+    else:
+        maps = coarse_heatmap(bag, images, targets)
+        stride, origin = bag.stride, bag.offset + (bag.q - 1) // 2
+    maps = maps.float().cpu().numpy()
+    targets_list = targets.cpu().tolist()
+    height, width = maps.shape[-2:]
+    return [
+        {"image_id": ctx.image_ids[i], "label": int(y), "target": int(targets_list[i][k]),
+         "height": height, "width": width, "values": maps[i, k].reshape(-1).copy(),
+         "resolution": params.resolution, "stride": stride, "origin": origin}
+        for i, y in enumerate(labels.cpu().tolist()) for k in range(maps.shape[1])
+    ]
+
+
+def render(images_uint8: np.ndarray, rows: Sequence[dict], *,
+           image_ids: Sequence[str] | None = None, max_images: int = 8,
+           class_names: Sequence[str] | None = None) -> bytes:
+    """Gallery PNG (bytes) of the first ``max_images`` images of ``rows``.
+
+    ``images_uint8``: ``N x H x W x 3`` uint8, in the order of ``image_ids`` (default: the order
+    in which image ids first appear in ``rows``). One column per image; one heatmap row per target
+    (images must have the same number of targets, as :func:`run` makes them).
+    """
+    from bagnet.plots import gallery_png
+
+    by_image: dict[str, list[dict]] = {}
+    for row in rows:
+        by_image.setdefault(row["image_id"], []).append(row)
+    order = list(image_ids) if image_ids is not None else list(by_image)
+    if not by_image:
+        raise ValueError("no rows to render")
+    chosen = [(idx, iid) for idx, iid in enumerate(order) if iid in by_image][:max_images]
+    t = min(len(by_image[iid]) for _, iid in chosen)
+    maps = np.stack([
+        np.stack([np.asarray(r["values"], np.float32).reshape(r["height"], r["width"])
+                  for r in by_image[iid][:t]]) for _, iid in chosen
+    ])
+    first = by_image[chosen[0][1]][0]
+
+    def name(c: int) -> str:
+        return class_names[c] if class_names is not None else str(c)
+
+    titles = [f"{iid}\nlabel {name(by_image[iid][0]['label'])}, target "
+              f"{','.join(name(r['target']) for r in by_image[iid][:t])}" for _, iid in chosen]
+    images = np.asarray(images_uint8)[[idx for idx, _ in chosen]]
+    return gallery_png(images, maps, titles, stride=int(first.get("stride", 1)),
+                       origin=float(first.get("origin", 0)))

@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m bench.<name> --help`; shared timing/memory/CSV helpers in bench.harness."""
