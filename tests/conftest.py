@@ -20,8 +20,6 @@ def ray_session():
 
     from cluster.ray_env import init_ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, object_store_memory=400 * 1024**2)
-    init_ray()
+    init_ray(num_cpus=2, object_store_memory=400 * 1024**2)
     yield ray
     ray.shutdown()
