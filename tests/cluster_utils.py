@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,6 +201,8 @@ class LocalCluster:
             text = node.log()
             node.kill()
             retry = node.proc.returncode not in (None, -signal.SIGKILL) and "timed out during startup" in text
+            if retry and attempt < attempts:
+                time.sleep(5 * attempt)  # let the host calm down before the next try
             if not retry or attempt == attempts:
                 self.shutdown()
                 raise RuntimeError(f"ray node {name!r} did not start within {timeout:.0f} s (attempt {attempt}); "
@@ -226,9 +229,26 @@ class LocalCluster:
     def start_head(self, num_cpus: int = 0, timeout: float = 300) -> Node:
         """The head: GCS, dashboard (needed by ``ray job submit``) and job drivers."""
         self.gcs_port, self.dashboard_port, client_port = free_ports(3)
-        return self._start("head", ["--head", f"--port={self.gcs_port}", "--include-dashboard=true",
+        node = self._start("head", ["--head", f"--port={self.gcs_port}", "--include-dashboard=true",
                                     "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                                     f"--ray-client-server-port={client_port}"], num_cpus, timeout)
+        self.wait_for_dashboard(timeout)
+        return node
+
+    def wait_for_dashboard(self, timeout: float) -> None:
+        """Until the job API answers: its module loads in a subprocess after `ray start` returns, and a
+        worker node started meanwhile competes with it for CPU (its raylet gives its agent only 15 s)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.dashboard_url}/api/jobs/", timeout=10) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the dashboard's job API at {self.dashboard_url} did not answer in {timeout:.0f} s")
+            time.sleep(1)
 
     def add_node(self, name: str, num_cpus: int = 2, resources: dict | None = None, timeout: float = 240) -> Node:
         args = [f"--address={self.address}"]

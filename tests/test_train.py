@@ -33,6 +33,7 @@ def test_two_workers_learn_and_export(ray_session, tmp_path):
         run(tmp_path, "learn", *learn, "data.image_size=96")
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_without_duplicates(ray_session, tmp_path):
     with pytest.raises(Exception):
         run(tmp_path, "resume", *TINY, "scaling.num_workers=1", "run.max_failures=0", "run.crash_after_epoch=1")
@@ -44,6 +45,7 @@ def test_interrupted_run_resumes_without_duplicates(ray_session, tmp_path):
     assert list(out["metrics"]["finished_at"])[:2] == list(partial["finished_at"])
 
 
+@pytest.mark.slow
 def test_failure_config_restarts_dead_worker(ray_session, tmp_path):
     out = run(tmp_path, "restart", *TINY, "scaling.num_workers=2", "run.max_failures=1", "run.crash_after_epoch=0")
     crashed_at = (tmp_path / "restart" / "_crashed_after_epoch_0").stat().st_mtime

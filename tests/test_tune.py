@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
+pytestmark = pytest.mark.slow  # full Ray Tune sweeps; see the slow marker in pyproject.toml
 import torch
 import yaml
 
