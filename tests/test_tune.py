@@ -17,8 +17,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-
-pytestmark = pytest.mark.slow  # full Ray Tune sweeps; see the slow marker in pyproject.toml
 import torch
 import yaml
 
@@ -98,6 +96,7 @@ def sweep(ray_session, tmp_path_factory):
             "best": json.loads((best_dir / "trial.json").read_text()), "best_dir": best_dir}
 
 
+@pytest.mark.slow  # the shared sweep: 5 Ray Train runs (see the marker in pyproject.toml)
 def test_interrupted_sweep_resumes_without_repeating_trials(sweep):
     assert sweep["returncode"] == 130, sweep["log"][-3000:]
     assert "sweep interrupted" in sweep["log"]
@@ -117,6 +116,7 @@ def test_interrupted_sweep_resumes_without_repeating_trials(sweep):
         assert list(metrics["epoch"]) == list(range(row.epochs)), row.trial_id
 
 
+@pytest.mark.slow  # the shared sweep: 5 Ray Train runs (see the marker in pyproject.toml)
 def test_asha_stops_weak_trials_and_table_holds_every_trial(sweep):
     table = sweep["table"]
     assert len(table) == 4 and set(table["status"]) == {"TERMINATED"}
@@ -136,6 +136,7 @@ def test_asha_stops_weak_trials_and_table_holds_every_trial(sweep):
     assert by_q[1].split()[:4] == ["9", "bagnet9_small", "4", str(int(table["stopped_early"].sum()))]
 
 
+@pytest.mark.slow  # the shared sweep: 5 Ray Train runs (see the marker in pyproject.toml)
 def test_tensorboard_events_hold_metrics_and_hyperparameters(sweep):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.hparams import plugin_data_pb2
@@ -155,6 +156,7 @@ def test_tensorboard_events_hold_metrics_and_hyperparameters(sweep):
         assert start.session_start_info.hparams["optim.lr"].number_value == pytest.approx(table.loc[trial_id, "optim_lr"])
 
 
+@pytest.mark.slow  # the shared sweep: 5 Ray Train runs (see the marker in pyproject.toml)
 def test_best_model_is_exported_like_a_training_run(sweep):
     table = sweep["table"]
     best = table.loc[table["val_top1_last"].idxmax()]
@@ -166,6 +168,7 @@ def test_best_model_is_exported_like_a_training_run(sweep):
     assert torch.equal(model.state_dict()["fc.weight"], state["fc.weight"])
 
 
+@pytest.mark.slow  # the shared sweep: 5 Ray Train runs (see the marker in pyproject.toml)
 def test_changed_sweep_does_not_resume(sweep):
     with pytest.raises(ConfigError, match=r"search_space\.optim\.lr=.*set tune\.name"):
         tune.check_resumable(tune.load_sweep(sweep["config"], ["search_space.optim.lr={grid: [0.1, 0.2]}"]))
