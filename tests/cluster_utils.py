@@ -51,9 +51,9 @@ nodes = state.list_nodes(address=address, limit=1000)
 names = {n.node_id: n.node_name for n in nodes}
 out = {"nodes": {n.node_name: {"id": n.node_id, "state": n.state}
                  for n in sorted(nodes, key=lambda n: n.state == "ALIVE")}, "actors": [], "tasks": []}
-if submission_id:
-    (job,) = [j for j in state.list_jobs(address=address, limit=1000) if j.submission_id == submission_id]
-    only_job = [("job_id", "=", job.job_id)]
+jobs = [j for j in state.list_jobs(address=address, limit=1000) if submission_id and j.submission_id == submission_id]
+if jobs and jobs[0].job_id:  # a just-submitted job has no driver (job ID) yet
+    only_job = [("job_id", "=", jobs[0].job_id)]
     out["actors"] = [{"class_name": a.class_name, "state": a.state, "node": names.get(a.node_id)}
                      for a in state.list_actors(address=address, filters=only_job, limit=10000, detail=True)]
     if with_tasks:
