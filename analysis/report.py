@@ -145,6 +145,16 @@ class Builder:
             self._cache[table] = data
         return self._cache[table]
 
+    def table_section(self, title: str, anchor: str, table: str) -> tuple[Section, pd.DataFrame | None]:
+        """A section built on one table: it and the table's prepared rows, or None (marked missing)."""
+        sec = Section(title, anchor)
+        data = self.load(table)
+        if data is None or data.df.empty:
+            sec.missing.append(self.missing(table))
+            return sec, None
+        sec.source = self.source(table)
+        return sec, prepare(data.df)
+
     def missing(self, table: str) -> str:
         skipped = [r.name for r in self.catalog.runs if table in r.tables and not r.complete]
         what = f"no {'' if self.include_incomplete else 'complete '}run holds the `{table}` table"
@@ -312,13 +322,9 @@ def prediction_kind_accuracy(p: pd.DataFrame, order: list[str]) -> pd.DataFrame 
 
 
 def shuffle_section(b: Builder) -> Section:
-    sec = Section("Patch shuffling", "shuffle")
-    data = b.load("shuffle")
-    if data is None or data.df.empty:
-        sec.missing.append(b.missing("shuffle"))
+    sec, df = b.table_section("Patch shuffling", "shuffle", "shuffle")
+    if df is None:
         return sec
-    sec.source = b.source("shuffle")
-    df = prepare(data.df)
     agg = df.groupby(["model", "tile"]).agg(
         q=("q", "first"), images=("image_id", "nunique") if "image_id" in df else ("tile", "size"),
         top1=("correct_top1", "mean"), top5=("correct_top5", "mean"),
@@ -336,13 +342,9 @@ def shuffle_section(b: Builder) -> Section:
 
 
 def interaction_section(b: Builder) -> Section:
-    sec = Section("Interactions between image parts", "interaction")
-    data = b.load("interaction")
-    if data is None or data.df.empty:
-        sec.missing.append(b.missing("interaction"))
+    sec, df = b.table_section("Interactions between image parts", "interaction", "interaction")
+    if df is None:
         return sec
-    sec.source = b.source("interaction")
-    df = prepare(data.df)
     df["abs_interaction"] = df["interaction"].abs()
     distances = np.sort(df["distance"].dropna().unique())
     if len(distances) > 16:  # continuous distances: 12 bins, labelled by their centres
@@ -368,13 +370,9 @@ def interaction_section(b: Builder) -> Section:
 
 
 def masking_section(b: Builder) -> Section:
-    sec = Section("Masking the most informative regions", "masking")
-    data = b.load("masking")
-    if data is None or data.df.empty:
-        sec.missing.append(b.missing("masking"))
+    sec, df = b.table_section("Masking the most informative regions", "masking", "masking")
+    if df is None:
         return sec
-    sec.source = b.source("masking")
-    df = prepare(data.df)
     agg = df.groupby(["ranking", "model", "k_masked"]).agg(
         images=("label_logit", "size"), label_logit=("label_logit", "mean"),
         label_logit_delta=("label_logit_delta", "mean"), top5=("correct_top5", "mean")).reset_index()
@@ -408,13 +406,9 @@ def class_correlation(p: pd.DataFrame, order: list[str]) -> pd.DataFrame:
 
 
 def consistency_section(b: Builder) -> Section:
-    sec = Section("Error consistency", "consistency")
-    data = b.load("predictions")
-    if data is None or data.df.empty:
-        sec.missing.append(b.missing("predictions"))
+    sec, p = b.table_section("Error consistency", "consistency", "predictions")
+    if p is None:
         return sec
-    sec.source = b.source("predictions")
-    p = prepare(data.df)
     p["correct_top1"] = p["correct_top1"].astype(float)
     order = model_order(p)
     kappa, n = kappa_matrix(p, order)
@@ -502,21 +496,19 @@ def patch_at(image: np.ndarray, cy: float, cx: float, q: int) -> tuple[int, int,
 
 
 def heatmap_section(b: Builder) -> Section:
-    sec = Section("Heatmaps and the most informative patches", "heatmaps")
-    data = b.load("heatmaps")
-    if data is None or data.df.empty:
-        sec.missing.append(b.missing("heatmaps"))
+    sec, df = b.table_section("Heatmaps and the most informative patches", "heatmaps", "heatmaps")
+    if df is None:
         return sec
-    sec.source = b.source("heatmaps")
     from bagnet.plots import TopPatch, top_patches_png
 
-    df = prepare(data.df)
+    run = b.used["heatmaps"].run
+
     if "target" not in df:
         df["target"] = df["label"]
     own = df[df["target"] == df["label"]]
     df = (own if len(own) else df).reset_index(drop=True)
     order = model_order(df)
-    world = synthetic_world_for(df, data.run.manifest)
+    world = synthetic_world_for(df, run.manifest)
     names = world.class_names if world is not None else None
     image_of = synthetic_images(world) if world is not None else None
     shape = (world.image_size, world.image_size) if world is not None else None
@@ -575,7 +567,7 @@ def heatmap_section(b: Builder) -> Section:
         sec.blocks.append("Image pixels are not available for this dataset: patches are listed by location only.")
     if peak_rows:
         sec.blocks.append(Table("Most informative location per class (heatmap maximum of the true class)", pd.DataFrame(peak_rows)))
-    pngs = [f for f in data.run.extra_files if re.search(r"heatmap|gallery|patch", f.rsplit("/", 1)[-1].lower())]
+    pngs = [f for f in run.extra_files if re.search(r"heatmap|gallery|patch", f.rsplit("/", 1)[-1].lower())]
     for i, png in enumerate(pngs[:6]):
         sec.blocks.append(b.copy_file(png, f"job_{i}_{png.rsplit('/', 1)[-1]}", f"Written by the heatmap job: {png}"))
     return sec

@@ -90,6 +90,27 @@ def _checkpoint_state(checkpoint) -> dict:
         return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
 
 
+def _resume_state(run_dir: str) -> dict | None:
+    """The newest persisted training state, or None for a fresh run.
+
+    Ray resumes from the latest checkpoint its controller registered, but the controller picks a
+    reported checkpoint up only at its next poll of the workers (about 2 s later). Rank 0 rewrites
+    ``metrics.parquet`` right after ``ray.train.report`` has persisted an epoch's checkpoint, so that
+    table is the commit record: a worker killed in between leaves a newer committed epoch, whose
+    checkpoint directory is loaded instead of training that epoch again.
+    """
+    import ray.train
+
+    registered = ray.train.get_checkpoint()
+    state = _checkpoint_state(registered) if registered else None
+    metrics_path = storage.join(run_dir, "metrics.parquet")
+    committed = storage.read_table(metrics_path).num_rows if storage.exists(metrics_path) else 0
+    if committed > (state["epoch"] + 1 if state else 0):
+        fs, inner = storage.pyarrow_fs(storage.join(run_dir, f"epoch_{committed - 1:04d}"))
+        state = _checkpoint_state(ray.train.Checkpoint(inner, filesystem=fs))
+    return state
+
+
 def _to_batches(iterator, device):
     from bagnet.data import to_model_input
 
@@ -121,8 +142,7 @@ def train_loop(loop_config: dict) -> None:
     optimizer = make_optimizer(model, cfg.optim, global_batch)
 
     start, history = 0, []
-    if checkpoint := ray.train.get_checkpoint():
-        state = _checkpoint_state(checkpoint)
+    if state := _resume_state(run_dir):
         bare.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start, history = state["epoch"] + 1, state["history"]

@@ -27,7 +27,7 @@ from jobs.train import TrainJobConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 LRS = [0.4, 1e-5, 0.3, 2e-5]  # two learn, two barely move: ASHA stops the latter at the first rung
-TRAIN = {"model": {"name": "bagnet9_small"}, "data": {"train_size": 1024, "val_size": 256},
+TRAIN = {"model": {"name": "bagnet9_small"}, "data": {"train_size": 512, "val_size": 128},
          "optim": {"epochs": 2, "batch_size": 16, "warmup_epochs": 0},
          "scaling": {"num_workers": 1, "cpus_per_worker": 0.5}, "run": {"max_failures": 0, "log_every": 1000}}
 

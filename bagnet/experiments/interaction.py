@@ -30,16 +30,15 @@ from torch import Tensor, nn
 from bagnet.config import require
 from bagnet.experiments.base import ExperimentContext, forward_in_chunks
 from bagnet.experiments.perturb import (
-    check_batch,
-    FILLS,
     Box,
+    FILLS,
     Fill,
     derive_seed,
     fill_images,
     forward_variants,
     masked_variants,
+    prepare_run,
     require_values,
-    resolve_seed,
 )
 
 TABLE = "interaction"
@@ -170,11 +169,8 @@ def run(
     model: nn.Module, images: Tensor, labels: Tensor, params: Params, *, ctx: ExperimentContext
 ) -> list[dict]:
     """Rows ``(image, region size, distance, pair)`` in that order."""
-    params.validate()
-    check_batch(images, labels, ctx.image_ids)
-    if len(images) == 0:
+    if (seed := prepare_run(params, images, labels, ctx)) is None:
         return []
-    seed = resolve_seed(params.seed, ctx.seed)
     height, width = images.shape[-2:]
     pairs = [
         (n, *pair)

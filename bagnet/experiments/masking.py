@@ -34,7 +34,6 @@ from torch import Tensor, nn
 from bagnet.config import require
 from bagnet.experiments.base import ExperimentContext, forward_in_chunks
 from bagnet.experiments.perturb import (
-    check_batch,
     FILLS,
     Fill,
     derive_seed,
@@ -46,8 +45,8 @@ from bagnet.experiments.perturb import (
     label_stats,
     masked_variants,
     merge_with_base,
+    prepare_run,
     require_values,
-    resolve_seed,
 )
 
 TABLE = "masking"
@@ -207,11 +206,8 @@ def run(
     model: nn.Module, images: Tensor, labels: Tensor, params: Params, *, ctx: ExperimentContext
 ) -> list[dict]:
     """Rows ``(image, ranking, k)`` in that order: images x rankings x ks rows."""
-    params.validate()
-    check_batch(images, labels, ctx.image_ids)
-    if len(images) == 0:
+    if (seed := prepare_run(params, images, labels, ctx)) is None:
         return []
-    seed = resolve_seed(params.seed, ctx.seed)
     height, width = images.shape[-2:]
     boxes = grid_boxes(height, width, params.region_size)
     if max(params.ks) > len(boxes):

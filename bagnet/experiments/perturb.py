@@ -46,18 +46,18 @@ def require_values(values: Sequence, key: str, minimum: float | None = None) -> 
         require(not low, key, f"values must be >= {minimum}, got {list(values)}")
 
 
-def check_batch(images: Tensor, labels: Tensor, image_ids: Sequence[str]) -> None:
-    """``run``'s inputs: NCHW images with one label and one image id each."""
-    if images.dim() != 4 or not len(images) == len(labels) == len(image_ids):
+def prepare_run(params, images: Tensor, labels: Tensor, ctx) -> int | None:
+    """Check a perturbation ``run``'s inputs; its seed (``params.seed``, else the run's ``ctx.seed``),
+    or None when the batch is empty."""
+    params.validate()
+    if images.dim() != 4 or not len(images) == len(labels) == len(ctx.image_ids):
         raise ValueError(
             f"expected NCHW images with one label and image id each, got images "
-            f"{tuple(images.shape)}, {len(labels)} labels, {len(image_ids)} image ids"
+            f"{tuple(images.shape)}, {len(labels)} labels, {len(ctx.image_ids)} image ids"
         )
-
-
-def resolve_seed(params_seed: int | None, ctx_seed: int) -> int:
-    """The experiment seed: ``Params.seed`` when given, else the run's ``ctx.seed``."""
-    return ctx_seed if params_seed is None else params_seed
+    if len(images) == 0:
+        return None
+    return ctx.seed if params.seed is None else params.seed
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def label_stats(logits: Tensor, labels: Tensor) -> dict[str, list]:
 
 
 __all__ = [
-    "Box", "Fill", "FILLS", "derive_seed", "require_values", "check_batch", "resolve_seed",
+    "Box", "Fill", "FILLS", "derive_seed", "require_values", "prepare_run",
     "gaussian_blur", "fill_images", "grid_shape", "grid_boxes", "grid_sums", "boxes_mask",
     "masked_variants", "permute_tiles", "forward_variants", "merge_with_base", "label_stats",
 ]

@@ -20,15 +20,14 @@ from torch import Tensor, nn
 from bagnet.config import require
 from bagnet.experiments.base import ExperimentContext, forward_in_chunks
 from bagnet.experiments.perturb import (
-    check_batch,
     derive_seed,
     forward_variants,
     grid_shape,
     label_stats,
     merge_with_base,
     permute_tiles,
+    prepare_run,
     require_values,
-    resolve_seed,
 )
 
 TABLE = "shuffle"
@@ -67,11 +66,8 @@ def run(
     model: nn.Module, images: Tensor, labels: Tensor, params: Params, *, ctx: ExperimentContext
 ) -> list[dict]:
     """Rows ``(image, tile, perm)`` in that order: images x tiles x num_perms rows."""
-    params.validate()
-    check_batch(images, labels, ctx.image_ids)
-    if len(images) == 0:
+    if (seed := prepare_run(params, images, labels, ctx)) is None:
         return []
-    seed = resolve_seed(params.seed, ctx.seed)
     height, width = images.shape[-2:]
     # (image index, tile, perm seed, permutation or None for a single-tile grid)
     specs: list[tuple[int, int, int, Tensor | None]] = []
