@@ -228,7 +228,13 @@ def make_plan(cfg: ExperimentJobConfig, experiments: list[str], config_path: str
     common = {"dataset": cfg.dataset.fingerprint(), "seed": cfg.seed, "precision": cfg.precision}
     parts = []
     for name in experiments:
-        for spec in cfg.models:
+        applies_to = getattr(modules[name], "applies_to", lambda model_name: True)
+        models = [spec for spec in cfg.models if applies_to(spec.name)]
+        require(bool(models), f"experiments.{name}", f"applies to none of the models "
+                f"({', '.join(m.name for m in cfg.models)})")
+        if skipped := [spec.name for spec in cfg.models if not applies_to(spec.name)]:
+            print(f"[experiment] {name}: not defined for {', '.join(skipped)}; left out", flush=True)
+        for spec in models:
             path = results.part_dir(run_dir, modules[name].TABLE, {"experiment": name, "model": spec.name})
             fp = {**common, "model": to_dict(spec), "params": to_dict(params[name])}
             marker = results.read_marker(path)

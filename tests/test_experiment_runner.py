@@ -16,6 +16,7 @@ from bagnet.data import SyntheticWorld, materialize, to_model_input
 from bagnet.experiments import EXPERIMENTS, NAMES, ExperimentContext, ExperimentRegistry, ExperimentUnavailable
 from bagnet.experiments import predictions
 from bagnet.models import create_model
+from bagnet.config import load_config
 from cluster import results, storage
 from jobs import experiment as job
 from tests.fixtures_s3 import storage_options
@@ -186,11 +187,26 @@ def run_job(out, *overrides, experiment="predictions", models="[{name: bagnet9_s
      r"models\[0\].weights: file not found: results/train/nope/model.pt \(train it with `python jobs/train.py model.name=vgg_small"),
     ({"overrides": ["dataset.name=imagenet", "dataset.root=/nonexistent/imagenet"]}, "dataset.root: ImageNet root not found"),
     ({"experiment": "masking"}, "experiments.masking: needs model 'bagnet33_small' \\(bagnet\\) in the models list"),
+    ({"experiment": "heatmaps", "models": "[{name: resnet_small}]"},
+     r"experiments.heatmaps: applies to none of the models \(resnet_small\)"),
 ])
 def test_bad_config_fails_before_ray(tmp_path, no_ray, args, message):
     with pytest.raises(SystemExit, match=message):
         run_job(tmp_path, *args.get("overrides", []), **{k: v for k, v in args.items() if k != "overrides"})
     assert not (tmp_path / "t").exists()
+
+
+def test_all_experiments_leave_out_models_an_experiment_is_not_defined_for(tmp_path, capsys):
+    cfg = load_config(job.ExperimentJobConfig, job.DEFAULT_CONFIG, [
+        f"output={tmp_path}", "models=[{name: bagnet9_small}, {name: resnet_small}]",
+        "experiments.masking.heatmap_model=bagnet9_small"])
+    plan = job.make_plan(cfg, job.parse_experiments("all"), None)
+    by_experiment = {}
+    for part in plan.parts:
+        by_experiment.setdefault(part.experiment, []).append(part.model.name)
+    assert by_experiment.pop("heatmaps") == ["bagnet9_small"]  # heatmaps need a BagNet
+    assert all(models == ["bagnet9_small", "resnet_small"] for models in by_experiment.values()), by_experiment
+    assert "heatmaps: not defined for resnet_small; left out" in capsys.readouterr().out
 
 
 def test_default_config_names_the_training_command(no_ray, tmp_path, monkeypatch):

@@ -3,7 +3,9 @@
 Each module ``bagnet/experiments/<name>.py`` exposes ``TABLE`` (result table name), a ``Params``
 dataclass and ``run(model, images, labels, params, *, ctx) -> list[dict]`` (contract in
 ``docs/architecture.md``), and optionally ``helper_models(params) -> dict[str, str]`` naming the
-zoo models it needs besides the evaluated one (``ctx.helper_models`` key -> model name).
+zoo models it needs besides the evaluated one (``ctx.helper_models`` key -> model name) and
+``applies_to(model_name) -> bool`` (default: every model), which the runner uses to leave out
+models an experiment is not defined for (heatmaps need a BagNet).
 
 Modules are imported on first use, so a missing or broken module only affects its own name.
 """

@@ -24,6 +24,13 @@ from bagnet.heatmap import DEFAULT_MAX_PIXELS, check_bagnet, coarse_heatmap, hea
 TABLE = "heatmaps"
 
 
+def applies_to(model_name: str) -> bool:
+    """Heatmaps are defined for BagNets only (zoo names with a patch size q)."""
+    from bagnet.models import model_q
+
+    return model_q(model_name) is not None
+
+
 @dataclass
 class Params:
     """``targets``: "label" (each image's label), "top1" (the model's prediction) or a list of
