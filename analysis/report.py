@@ -501,8 +501,7 @@ def heatmap_section(b: Builder) -> Section:
         return sec
     from bagnet.plots import TopPatch, top_patches_png
 
-    run = b.used["heatmaps"].run
-
+    run = b.load("heatmaps").run  # cached by table_section
     if "target" not in df:
         df["target"] = df["label"]
     own = df[df["target"] == df["label"]]

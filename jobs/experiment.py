@@ -232,7 +232,7 @@ def make_plan(cfg: ExperimentJobConfig, experiments: list[str], config_path: str
         models = [spec for spec in cfg.models if applies_to(spec.name)]
         require(bool(models), f"experiments.{name}", f"applies to none of the models "
                 f"({', '.join(m.name for m in cfg.models)})")
-        if skipped := [spec.name for spec in cfg.models if not applies_to(spec.name)]:
+        if skipped := [spec.name for spec in cfg.models if spec not in models]:
             print(f"[experiment] {name}: not defined for {', '.join(skipped)}; left out", flush=True)
         for spec in models:
             path = results.part_dir(run_dir, modules[name].TABLE, {"experiment": name, "model": spec.name})

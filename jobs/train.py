@@ -90,6 +90,11 @@ def _checkpoint_state(checkpoint) -> dict:
         return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
 
 
+def checkpoint_dir_name(epoch: int) -> str:
+    """The directory of epoch ``epoch``'s checkpoint inside the run dir."""
+    return f"epoch_{epoch:04d}"
+
+
 def _resume_state(run_dir: str) -> dict | None:
     """The newest persisted training state, or None for a fresh run.
 
@@ -97,18 +102,19 @@ def _resume_state(run_dir: str) -> dict | None:
     reported checkpoint up only at its next poll of the workers (about 2 s later). Rank 0 rewrites
     ``metrics.parquet`` right after ``ray.train.report`` has persisted an epoch's checkpoint, so that
     table is the commit record: a worker killed in between leaves a newer committed epoch, whose
-    checkpoint directory is loaded instead of training that epoch again.
+    checkpoint directory is loaded instead of training that epoch again. One checkpoint is loaded.
     """
     import ray.train
 
-    registered = ray.train.get_checkpoint()
-    state = _checkpoint_state(registered) if registered else None
+    checkpoint = ray.train.get_checkpoint()
+    # epochs the registered checkpoint holds, read from its directory name (checkpoint_dir_name)
+    registered = int(checkpoint.path.rstrip("/").rsplit("epoch_", 1)[1]) + 1 if checkpoint else 0
     metrics_path = storage.join(run_dir, "metrics.parquet")
     committed = storage.read_table(metrics_path).num_rows if storage.exists(metrics_path) else 0
-    if committed > (state["epoch"] + 1 if state else 0):
-        fs, inner = storage.pyarrow_fs(storage.join(run_dir, f"epoch_{committed - 1:04d}"))
-        state = _checkpoint_state(ray.train.Checkpoint(inner, filesystem=fs))
-    return state
+    if committed > registered:
+        fs, inner = storage.pyarrow_fs(storage.join(run_dir, checkpoint_dir_name(committed - 1)))
+        checkpoint = ray.train.Checkpoint(inner, filesystem=fs)
+    return _checkpoint_state(checkpoint) if checkpoint else None
 
 
 def _to_batches(iterator, device):
@@ -170,7 +176,7 @@ def train_loop(loop_config: dict) -> None:
                 torch.save({"model": bare.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                             "history": history}, os.path.join(tmp, STATE_FILE))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"epoch_{epoch:04d}")
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch))
         if rank == 0:
             write_metrics(run_dir, history)
             _maybe_crash(cfg.run.crash_after_epoch, epoch, run_dir)

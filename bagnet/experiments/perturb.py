@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from bagnet.config import require
 from bagnet.data import MEAN, STD
-from bagnet.experiments.base import forward_in_chunks
+from bagnet.experiments.base import ExperimentContext, forward_in_chunks
 from bagnet.metrics import topk_correct
 
 Box = tuple[int, int, int, int]
@@ -46,7 +46,7 @@ def require_values(values: Sequence, key: str, minimum: float | None = None) -> 
         require(not low, key, f"values must be >= {minimum}, got {list(values)}")
 
 
-def prepare_run(params, images: Tensor, labels: Tensor, ctx) -> int | None:
+def prepare_run(params, images: Tensor, labels: Tensor, ctx: ExperimentContext) -> int | None:
     """Check a perturbation ``run``'s inputs; its seed (``params.seed``, else the run's ``ctx.seed``),
     or None when the batch is empty."""
     params.validate()
