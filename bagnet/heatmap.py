@@ -176,8 +176,11 @@ def _batch_to_space(x: Tensor, s: int) -> Tensor:
     return x.reshape(bss // (s * s), c, h * s, w * s)
 
 
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:
-    """Weight and bias of ``bn(conv(x))`` as one convolution (eval-mode BatchNorm is affine)."""
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d | nn.Identity) -> tuple[Tensor, Tensor]:
+    """Weight and bias of ``bn(conv(x))`` as one convolution (eval-mode BatchNorm is affine);
+    a BN that ``bagnet.fast.fold_batchnorm`` already folded into the conv is an ``nn.Identity``."""
+    if isinstance(bn, nn.Identity):
+        return conv.weight, conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
     scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
     bias = bn.bias - bn.running_mean * scale
     if conv.bias is not None:

@@ -10,7 +10,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 import torch
 import torch.distributed as dist
@@ -141,19 +141,33 @@ def prepare_input(x: torch.Tensor, cfg: OptimConfig) -> torch.Tensor:
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
 
+def _timed(batches: Batches, waited: list[float]) -> Iterator:
+    """Yields from ``batches``, adding the seconds spent waiting for each item to ``waited[0]``."""
+    iterator = iter(batches)
+    while True:
+        asked = time.perf_counter()
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        waited[0] += time.perf_counter() - asked
+        yield item
+
+
 def train_epoch(
     model: torch.nn.Module, batches: Batches, optimizer: torch.optim.Optimizer, cfg: OptimConfig, *,
     epoch: int, steps_per_epoch: int, global_batch: int, num_classes: int, device: torch.device,
     log: Callable[[str], None] | None = None, log_every: int = 20,
 ) -> tuple[EpochStats, dict]:
-    """One pass over ``batches`` of (normalised images, labels); returns stats and timing."""
+    """One pass over ``batches`` of (normalised images, labels); returns stats and timing (``epoch_seconds``,
+    ``images_per_s_per_worker`` and ``data_wait_s``, the seconds spent waiting for the next batch)."""
     model.train()
     stats = EpochStats(num_classes)
     lr0 = base_lr(cfg, global_batch)
-    start, images = time.perf_counter(), 0
+    start, images, waited = time.perf_counter(), 0, [0.0]
     optimizer.zero_grad(set_to_none=True)
     step = 0
-    for step, (x, y) in enumerate(batches):
+    for step, (x, y) in enumerate(_timed(batches, waited)):
         lr = lr0 * lr_factor(cfg, epoch + step / max(steps_per_epoch, 1))
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -174,7 +188,8 @@ def train_epoch(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     elapsed = time.perf_counter() - start
-    return stats, {"lr": lr0 * lr_factor(cfg, epoch), "epoch_seconds": elapsed, "images_per_s_per_worker": images / max(elapsed, 1e-9)}
+    return stats, {"lr": lr0 * lr_factor(cfg, epoch), "epoch_seconds": elapsed,
+                   "images_per_s_per_worker": images / max(elapsed, 1e-9), "data_wait_s": waited[0]}
 
 
 @torch.no_grad()

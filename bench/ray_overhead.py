@@ -6,16 +6,21 @@
   worker measures it as the plain loop does); ``end_to_end`` divides all training images by the
   wall time, Ray's start-up included.
 - ``experiment``: ``jobs/experiment.py --experiment predictions`` (Ray Data: generation tasks +
-  a model actor pool) against a plain loop doing the same evaluations (generate a batch, normalise,
-  ``bagnet.experiments.predictions.run``, rows to Arrow). ``steady`` uses the part's own time
-  (dataset + actor start included), ``end_to_end`` the job's wall time.
+  a model actor pool, eager model) against a plain loop doing the same evaluations (generate a
+  batch, normalise, ``bagnet.experiments.predictions.run``, rows to Arrow). ``steady`` counts from
+  the first results on (the pipeline and the actor are up), ``part`` the whole pass (their start
+  included), ``end_to_end`` the job's wall time.
 
 Ray gives a worker with a fractional CPU one OpenMP thread (``OMP_NUM_THREADS=floor(cpus)``, at
 least 1). ``--worker-threads`` (default: this process's torch threads) sets ``OMP_NUM_THREADS``
-for the local Ray this benchmark starts, so both sides use the same threads; ``0`` keeps Ray's
-default. Ignored when connecting to a running cluster (``RAY_ADDRESS``).
+for the local Ray this benchmark starts and the plain loop's torch threads, so both sides use the
+same threads; ``0`` keeps Ray's default (and the plain loop's). The Ray side of the comparison
+ignores it when connecting to a running cluster (``RAY_ADDRESS``). On a machine with few cores,
+Ray's own processes (controller, data coordinator, dashboard) take CPU from a worker that uses
+every core; ``--worker-threads`` below the core count leaves them room.
 
     python -m bench.ray_overhead
+    python -m bench.ray_overhead --worker-threads 1        # one core left for Ray's processes
     python -m bench.ray_overhead --worker-threads 0        # Ray's default thread count
     python -m bench.ray_overhead --quick
 """
@@ -136,10 +141,13 @@ def bench_train(a: argparse.Namespace, table: Table) -> None:
     common = dict(work="train", model=a.model, size=a.size, batch=a.batch, worker_threads=a.worker_threads)
     images = a.train_images * a.epochs
     p_steady, r_steady = plain[-1]["epoch_seconds"], metrics[-1]["epoch_seconds"]
+    p_wait, r_wait = plain[-1]["data_wait_s"], metrics[-1]["data_wait_s"]
     table.add(**common, images=a.train_images, runner="plain", measure="steady", seconds=p_steady,
-              images_per_s=a.train_images / p_steady, ratio=1.0, note="last epoch, train_epoch")
+              images_per_s=a.train_images / p_steady, ratio=1.0,
+              note=f"last epoch, train_epoch; {p_wait:.2f} s waiting for batches")
     table.add(**common, images=a.train_images, runner="ray_train_1_worker", measure="steady", seconds=r_steady,
-              images_per_s=a.train_images / r_steady, ratio=p_steady / r_steady, note="last epoch, in the worker")
+              images_per_s=a.train_images / r_steady, ratio=p_steady / r_steady,
+              note=f"last epoch, in the worker; {r_wait:.2f} s waiting for batches")
     table.add(**common, images=images, runner="plain", measure="end_to_end", seconds=plain_wall,
               images_per_s=images / plain_wall, ratio=1.0, note="generation + epochs + eval")
     table.add(**common, images=images, runner="ray_train_1_worker", measure="end_to_end", seconds=ray_wall,
@@ -174,6 +182,7 @@ def plain_predictions(a: argparse.Namespace) -> float:
 
 
 def bench_experiment(a: argparse.Namespace, table: Table) -> None:
+    from cluster import results
     from jobs import experiment
 
     print(f"[experiment] plain loop: predictions on {a.eval_images} images ...", flush=True)
@@ -184,16 +193,21 @@ def bench_experiment(a: argparse.Namespace, table: Table) -> None:
             "--experiment", "predictions", f"models=[{{name: {a.model}, weights: null}}]",
             "dataset.name=synthetic", "dataset.split=val", f"dataset.size={a.eval_images}",
             f"dataset.image_size={a.size}", f"dataset.read_batch_size={a.batch}",
-            f"compute.batch_size={a.batch}", f"output={tmp}", "run_id=bench", "compute.progress_s=1000"])
+            f"compute.batch_size={a.batch}", f"output={tmp}", "run_id=bench", "compute.progress_s=1000",
+            "compute.fast=false", f"compute.torch_threads={a.worker_threads or 'null'}"])
+        marker = results.read_marker(f"{tmp}/bench/predictions/experiment=predictions/model={a.model}")
     n = a.eval_images
-    part_s = n / out["model_evals_per_s"]
-    common = dict(work="experiment", model=a.model, size=a.size, batch=a.batch, images=n,
-                  worker_threads=a.worker_threads)
-    table.add(**common, runner="plain", measure="steady", seconds=plain_s, images_per_s=n / plain_s, ratio=1.0,
-              note="generate + predictions.run + Arrow rows")
-    table.add(**common, runner="ray_data", measure="steady", seconds=part_s, images_per_s=n / part_s,
-              ratio=plain_s / part_s, note="the part's time (pipeline + actor start, Parquet write)")
-    table.add(**common, runner="ray_data", measure="end_to_end", seconds=out["wall_s"],
+    part_s, startup_s = marker["group_seconds"], marker["startup_s"]
+    steady_s = part_s - startup_s  # after the first batch's results: the pipeline is up
+    common = dict(work="experiment", model=a.model, size=a.size, batch=a.batch, worker_threads=a.worker_threads)
+    table.add(**common, images=n, runner="plain", measure="steady", seconds=plain_s, images_per_s=n / plain_s,
+              ratio=1.0, note="generate + predictions.run + Arrow rows")
+    table.add(**common, images=n - a.batch, runner="ray_data", measure="steady", seconds=steady_s,
+              images_per_s=(n - a.batch) / steady_s, ratio=plain_s / n * (n - a.batch) / steady_s,
+              note=f"after the first results ({startup_s:.1f} s: pipeline + actor start)")
+    table.add(**common, images=n, runner="ray_data", measure="part", seconds=part_s, images_per_s=n / part_s,
+              ratio=plain_s / part_s, note="the whole pass, start-up and Parquet commit included")
+    table.add(**common, images=n, runner="ray_data", measure="end_to_end", seconds=out["wall_s"],
               images_per_s=n / out["wall_s"], ratio=plain_s / out["wall_s"], note="job wall, Ray up")
 
 
@@ -201,6 +215,7 @@ def main(argv: Sequence[str] | None = None) -> Table:
     a = parse_args(argv)
     if a.worker_threads > 0:
         os.environ["OMP_NUM_THREADS"] = str(a.worker_threads)  # inherited by the local Ray's workers
+        torch.set_num_threads(a.worker_threads)  # and the plain loop's
     from cluster.ray_env import init_ray
 
     info = machine_info("cpu", "fp32", batch_size=a.batch)

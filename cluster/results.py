@@ -114,6 +114,19 @@ def rows_to_table(rows: list[dict[str, Any]], common: Mapping[str, Any],
     return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
 
 
+def table_to_ipc(table: pa.Table) -> bytes:
+    """``table`` as an Arrow IPC stream (tables of different schemas travel in one column)."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
+
+
+def table_from_ipc(payload: bytes) -> pa.Table:
+    """The table :func:`table_to_ipc` wrote."""
+    return pa.ipc.open_stream(payload).read_all()
+
+
 class PartWriter:
     """Writes one part as ``part-NNNNN.parquet`` files of about ``max_file_bytes`` each (in
     memory), every file atomically; :meth:`commit` writes the marker last."""

@@ -5,10 +5,11 @@
     python jobs/experiment.py --experiment all dataset.size=256 'models=[{name: bagnet9_small}, {name: bagnet33_small}]'
     ray job submit --working-dir . -- python jobs/experiment.py --experiment masking --config ...
 
-For every (experiment, model) *part*: images are generated (synthetic) or read and decoded
-(ImageNet folder, local or s3://) in parallel CPU tasks; an actor pool loads the model once per
-actor and runs ``bagnet.experiments.<name>.run`` on each batch (perturbed variants are made there,
-next to the model); the rows stream back and are written to
+Every (experiment, model) pair is a *part*; the unfinished parts of one model are computed in one
+pass over the images: images are generated (synthetic) or read and decoded (ImageNet folder,
+local or s3://) in parallel CPU tasks; an actor pool loads the model once per actor and runs
+``bagnet.experiments.<name>.run`` of each of the model's experiments on each batch (perturbed
+variants are made there, next to the model); the rows stream back and are written to
 ``<output>/<run_id>/<table>/experiment=<name>/model=<model>/part-*.parquet`` with a ``_SUCCESS``
 marker per part and, last, a ``_SUCCESS`` run manifest. Rerunning with the same ``run_id``
 skips finished parts and redoes unfinished ones. See docs/experiments.md.
@@ -42,7 +43,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "experiments-
 # without one. Same policy as cluster/runtime_env.py.
 DEFAULT_FORWARD_ENV = ["AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
                        "BAGNET_CACHE"]
-STAT_IMAGES, STAT_EVALS = "__images__", "__evals__"  # per-batch counters, dropped before writing
+# The actor's output columns: per (batch, experiment), its rows (Arrow IPC) and what they took.
+COLUMNS = COL_EXPERIMENT, COL_ROWS, COL_IMAGES, COL_EVALS, COL_SECONDS = (
+    "experiment", "rows_ipc", "images", "model_evals", "seconds")
 
 
 # --------------------------------------------------------------------------------------------
@@ -118,6 +121,8 @@ class ComputeSpec:
     memory_gb: float | None = 1.0  # memory reserved per actor (Ray logical resource). Also keeps
     # image making in its own tasks: Ray Data fuses a task stage into the actor stage when their
     # resource requests match, and the images would then be made serially inside the actor.
+    torch_threads: int | None = None  # PyTorch threads per actor (default Ray's: floor(num_cpus), at least 1)
+    fast: bool = False  # fold batch norm into the convs + channels-last (bagnet.fast): same results, faster
     forward_env: list[str] = field(default_factory=lambda: list(DEFAULT_FORWARD_ENV))
     max_file_mb: int = 128  # Parquet file size (in memory) before a part starts a new file
     progress_s: float = 30.0  # seconds between progress lines within a part
@@ -128,6 +133,8 @@ class ComputeSpec:
         require(self.forward_batch_size is None or self.forward_batch_size >= 1, "forward_batch_size",
                 f"must be >= 1, got {self.forward_batch_size}")
         require(self.num_cpus > 0, "num_cpus", f"must be > 0, got {self.num_cpus}")
+        require(self.torch_threads is None or self.torch_threads >= 1, "torch_threads",
+                f"must be >= 1, got {self.torch_threads}")
         require(self.memory_gb is None or self.memory_gb > 0, "memory_gb", f"must be > 0, got {self.memory_gb}")
         require(not self.use_gpu or self.num_gpus > 0, "num_gpus", f"must be > 0 with use_gpu, got {self.num_gpus}")
 
@@ -340,22 +347,41 @@ def _build_model(spec: dict, num_classes: int, seed: int, device):
 
 
 class ModelActor:
-    """Loads the model once, then maps batches of images to result rows (an Arrow table)."""
+    """Loads one model once, then runs each of its experiments on every batch of images.
 
-    def __init__(self, *, experiment: str, params: dict, model: dict, helpers: dict[str, dict],
+    Returns one row per experiment and batch: the experiment's result rows as an Arrow IPC stream
+    (the experiments' tables have different columns), with the images and model evaluations it
+    took and its compute seconds, so the driver can route every experiment's rows to its own part.
+    """
+
+    def __init__(self, *, experiments: dict[str, dict], model: dict, helpers: dict[str, dict],
                  num_classes: int, use_gpu: bool, precision: str, seed: int, forward_batch_size: int,
-                 common: dict[str, Any]) -> None:
+                 common: dict[str, Any], fast: bool = False, torch_threads: int | None = None) -> None:
         import torch
 
         from bagnet.experiments import EXPERIMENTS
         from bagnet.models import model_q
 
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
-        self.module = EXPERIMENTS[experiment]
-        self.params = from_dict(self.module.Params, params)
-        self.model = _build_model(model, num_classes, seed, self.device)
-        self.helpers = {k: self.model if s == model else _build_model(s, num_classes, seed, self.device)
-                        for k, s in helpers.items()}
+        self.experiments = {name: (EXPERIMENTS[name], from_dict(EXPERIMENTS[name].Params, params))
+                            for name, params in experiments.items()}
+        built: dict[str, Any] = {}
+
+        def build(spec: dict):  # each distinct model once, the evaluated one included
+            key = repr(sorted(spec.items()))
+            if key not in built:
+                net = _build_model(spec, num_classes, seed, self.device)
+                if fast:
+                    from bagnet.fast import optimize_for_inference
+
+                    net = optimize_for_inference(net, example_input=torch.zeros(1, 3, 64, 64, device=self.device))
+                built[key] = net
+            return built[key]
+
+        self.model = build(model)
+        self.helpers = {k: build(s) for k, s in helpers.items()}
         self.model_name, self.q, self.seed = model["name"], model_q(model["name"]), seed
         self.precision, self.forward_batch_size, self.common = precision, forward_batch_size, common
         self.evals = 0
@@ -367,33 +393,41 @@ class ModelActor:
     def _count(self, module, args) -> None:
         self.evals += int(args[0].shape[0])
 
-    def __call__(self, batch: dict[str, np.ndarray]):
-        import pyarrow as pa
+    def run_experiment(self, name: str, images, labels, image_ids: list[str]):
+        """One experiment on one batch: its rows as an Arrow table with the runner's columns."""
+        import torch
+
+        from bagnet.experiments.base import ExperimentContext
+
+        module, params = self.experiments[name]
+        ctx = ExperimentContext(
+            image_ids=image_ids, model_name=self.model_name, q=self.q, seed=self.seed, device=self.device,
+            helper_models=self.helpers, batch_size=self.forward_batch_size)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            rows = module.run(self.model, images, labels, params, ctx=ctx)
+        missing = {"image_id", "label"} - set(rows[0]) if rows else set()
+        if missing:
+            raise KeyError(f"bagnet.experiments.{name}.run rows lack {sorted(missing)}")
+        return results.rows_to_table(rows, {**self.common, "created_at": results.utc_now()})
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
         from bagnet.data import to_model_input
-        from bagnet.experiments.base import ExperimentContext
 
         images = to_model_input(batch["image"], self.device)
         labels = torch.as_tensor(np.asarray(batch["label"], np.int64), device=self.device)
-        ctx = ExperimentContext(
-            image_ids=[str(i) for i in batch["image_id"]], model_name=self.model_name, q=self.q,
-            seed=self.seed, device=self.device, helper_models=self.helpers, batch_size=self.forward_batch_size)
-        before = self.evals
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            rows = self.module.run(self.model, images, labels, self.params, ctx=ctx)
-        missing = {"image_id", "label"} - set(rows[0]) if rows else set()
-        if missing:
-            raise KeyError(f"bagnet.experiments.{self.module.__name__.rsplit('.', 1)[-1]}.run rows lack {sorted(missing)}")
-        table = results.rows_to_table(rows, {**self.common, "created_at": results.utc_now()})
-
-        def on_first_row(value: int):
-            column = np.zeros(table.num_rows, np.int64)
-            column[:1] = value
-            return pa.array(column)
-
-        table = table.append_column(STAT_IMAGES, on_first_row(len(images)))
-        return table.append_column(STAT_EVALS, on_first_row(self.evals - before))
+        image_ids = [str(i) for i in batch["image_id"]]
+        out: dict[str, list] = {COL_EXPERIMENT: [], COL_ROWS: [], COL_IMAGES: [], COL_EVALS: [], COL_SECONDS: []}
+        for name in self.experiments:
+            before, start = self.evals, time.perf_counter()
+            table = self.run_experiment(name, images, labels, image_ids)
+            out[COL_EXPERIMENT].append(name)
+            out[COL_ROWS].append(results.table_to_ipc(table))
+            out[COL_IMAGES].append(len(image_ids))
+            out[COL_EVALS].append(self.evals - before)
+            out[COL_SECONDS].append(time.perf_counter() - start)
+        return {k: np.asarray(v, dtype=object if k == COL_ROWS else None) for k, v in out.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,49 +439,84 @@ def _runtime_env(names: list[str]) -> dict | None:
     return {"env_vars": env} if env else None
 
 
-def run_part(plan: Plan, part: Part, source: Source, runtime_env: dict | None) -> dict[str, Any]:
-    """Compute one part through Ray Data and publish it; returns its marker."""
+def group_parts(parts: list[Part]) -> dict[str, list[Part]]:
+    """Unfinished parts by model, in config order: each group is one pass over the images."""
+    groups: dict[str, list[Part]] = {}
+    for part in parts:
+        if part.marker is None:
+            groups.setdefault(part.model.name, []).append(part)
+    return groups
+
+
+@dataclass
+class PartProgress:
+    writer: results.PartWriter
+    images: int = 0
+    evals: int = 0
+    compute_s: float = 0.0
+
+
+def run_group(plan: Plan, parts: list[Part], source: Source, runtime_env: dict | None) -> dict[str, dict]:
+    """Compute all unfinished parts of one model in one Ray Data pipeline and publish each; returns
+    their markers by part key. A part is published only when the whole pass has finished."""
     import ray
 
     from bagnet.models import model_q
 
-    cfg = plan.cfg
-    helpers_fn = getattr(plan.modules[part.experiment], "helper_models", None)
-    helpers = {k: to_dict(next(m for m in cfg.models if m.name == n))
-               for k, n in (helpers_fn(part.params) if helpers_fn else {}).items()}
-    common = {"run_id": plan.run_id, "q": model_q(part.model.name), "weights": part.model.weights_label,
+    cfg, spec = plan.cfg, parts[0].model
+    helpers: dict[str, dict] = {}
+    for part in parts:
+        helpers_fn = getattr(plan.modules[part.experiment], "helper_models", None)
+        for key, name in (helpers_fn(part.params) if helpers_fn else {}).items():
+            helpers[key] = to_dict(next(m for m in cfg.models if m.name == name))
+    common = {"run_id": plan.run_id, "q": model_q(spec.name), "weights": spec.weights_label,
               "dataset": cfg.dataset.name, "split": cfg.dataset.split, "seed": cfg.seed,
               "precision": cfg.precision, "code_version": results.code_version()}
     rows = image_dataset(cfg.dataset, source, runtime_env).map_batches(
         ModelActor,
         fn_constructor_kwargs={
-            "experiment": part.experiment, "params": to_dict(part.params), "model": to_dict(part.model),
+            "experiments": {p.experiment: to_dict(p.params) for p in parts}, "model": to_dict(spec),
             "helpers": helpers, "num_classes": source.num_classes, "use_gpu": cfg.compute.use_gpu,
             "precision": cfg.precision, "seed": cfg.seed,
-            "forward_batch_size": cfg.compute.forward_batch_size or cfg.compute.batch_size, "common": common},
+            "forward_batch_size": cfg.compute.forward_batch_size or cfg.compute.batch_size, "common": common,
+            "fast": cfg.compute.fast, "torch_threads": cfg.compute.torch_threads},
         batch_size=cfg.compute.batch_size, batch_format="numpy", zero_copy_batch=False,
         compute=ray.data.ActorPoolStrategy(size=cfg.compute.actor_pool_size),
         num_cpus=cfg.compute.num_cpus, num_gpus=cfg.compute.num_gpus if cfg.compute.use_gpu else 0,
         memory=cfg.compute.memory_gb * 2**30 if cfg.compute.memory_gb else None, runtime_env=runtime_env)
-    results.discard(part.path)  # leftovers of an interrupted attempt
-    writer = results.PartWriter(part.path, cfg.compute.max_file_mb * 2**20)
+    progress: dict[str, PartProgress] = {}
+    for part in parts:
+        results.discard(part.path)  # leftovers of an interrupted attempt
+        progress[part.experiment] = PartProgress(results.PartWriter(part.path, cfg.compute.max_file_mb * 2**20))
+    label = f"{'+'.join(progress)}/{spec.name}"
     start = last = time.perf_counter()
-    images = evals = rows_seen = 0
+    first_result_s = None
     for block in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
-        images += int(np.asarray(block[STAT_IMAGES]).sum())
-        evals += int(np.asarray(block[STAT_EVALS]).sum())
-        rows_seen += block.num_rows
-        writer.write(block.drop_columns([STAT_IMAGES, STAT_EVALS]))
+        if first_result_s is None:
+            first_result_s = time.perf_counter() - start
+        for name, payload, images, evals, seconds in zip(*(block[c].to_pylist() for c in COLUMNS)):
+            p = progress[name]
+            p.writer.write(results.table_from_ipc(payload))
+            p.images, p.evals, p.compute_s = p.images + images, p.evals + evals, p.compute_s + seconds
         if time.perf_counter() - last >= cfg.compute.progress_s:
             last = time.perf_counter()
-            print(f"[experiment] {part.key}: {images}/{source.num_images} images, {rows_seen} rows, "
-                  f"{evals / (last - start):.1f} evals/s", flush=True)
-    seconds = time.perf_counter() - start
-    marker = writer.commit({"fingerprint": part.fingerprint, "images": images, "model_evals": evals,
-                            "seconds": round(seconds, 3), "code_version": results.code_version()})
-    print(f"[experiment] {part.key}: {writer.rows} rows ({images} images, {evals} model evaluations, "
-          f"{evals / max(seconds, 1e-9):.1f}/s) in {seconds:.1f} s -> {part.path}", flush=True)
-    return marker
+            images = min(p.images for p in progress.values())
+            print(f"[experiment] {label}: {images}/{source.num_images} images, "
+                  f"{sum(p.evals for p in progress.values()) / (last - start):.1f} evals/s", flush=True)
+    wall = time.perf_counter() - start
+    evals = sum(p.evals for p in progress.values())
+    timing = {"group": label, "group_seconds": round(wall, 3), "startup_s": round(first_result_s or wall, 3)}
+    markers = {}
+    for part in parts:
+        p = progress[part.experiment]
+        markers[part.key] = p.writer.commit({
+            "fingerprint": part.fingerprint, "images": p.images, "model_evals": p.evals,
+            "seconds": round(p.compute_s, 3), **timing, "code_version": results.code_version()})
+        print(f"[experiment] {part.key}: {p.writer.rows} rows ({p.images} images, {p.evals} model evaluations, "
+              f"{p.compute_s:.1f} s of compute) -> {part.path}", flush=True)
+    print(f"[experiment] {label}: {evals} model evaluations in {wall:.1f} s ({evals / max(wall, 1e-9):.1f}/s; "
+          f"first results after {timing['startup_s']:.1f} s)", flush=True)
+    return markers
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -488,21 +557,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[experiment] run {plan.run_id}: {len(todo)} of {len(plan.parts)} part(s) to compute on "
               f"{cfg.dataset.name}/{cfg.dataset.split} ({source.num_images} images) -> {plan.run_dir}", flush=True)
         runtime_env = _runtime_env(cfg.compute.forward_env)
-        for part in todo:
-            computed[part.key] = run_part(plan, part, source, runtime_env)
+        for group in group_parts(todo).values():
+            computed.update(run_group(plan, group, source, runtime_env))
 
     parts = results.completed_parts(plan.run_dir)
     manifest_exists = results.read_marker(plan.run_dir) is not None
     wall = time.perf_counter() - wall
     evals = sum(m["model_evals"] for m in computed.values())
-    part_seconds = sum(m["seconds"] for m in computed.values())
+    group_seconds = {m["group"]: m["group_seconds"] for m in computed.values()}
+    part_seconds = sum(group_seconds.values())
     if computed or not manifest_exists:
         results.write_manifest(plan.run_dir, {
             "run_id": plan.run_id, "complete": True, "experiments": plan.experiments,
             "created_at": results.now_iso(), "code_version": results.code_version(),
             "config": to_dict(cfg), "rows_per_table": results.rows_per_table(parts),
             "parts": {rel: {k: v for k, v in m.items() if k != "fingerprint"} for rel, m in parts.items()},
-            "timings": {"wall_s": round(wall, 3), "computed_parts_s": round(part_seconds, 3),
+            "timings": {"wall_s": round(wall, 3), "groups_s": group_seconds,
                         "model_evals": evals, "model_evals_per_s": round(evals / part_seconds, 3) if part_seconds else None},
         })
     rows: dict[str, int] = {}

@@ -71,6 +71,7 @@ class RunCfg:
     checkpoints_to_keep: int = 2
     log_every: int = 20  # steps between progress lines
     crash_after_epoch: int | None = None  # fault drill: a worker process dies once, right after this epoch
+    seed: int = 0  # model initialisation; the batch order also depends on Ray Data's streaming
 
 
 @dataclass
@@ -138,6 +139,7 @@ def train_loop(loop_config: dict) -> None:
     log = (lambda msg: print(f"[train] {msg}", flush=True)) if rank == 0 else None
 
     kwargs = {"aligned": True} if cfg.model.aligned else {}
+    torch.manual_seed(cfg.run.seed)
     model = create_model(cfg.model.name, num_classes=num_classes, weights=cfg.model.weights, **kwargs)
     if cfg.optim.channels_last:
         model = model.to(memory_format=torch.channels_last)

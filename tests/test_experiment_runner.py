@@ -156,6 +156,51 @@ def test_unreadable_images_are_logged_and_dropped(tmp_path, caplog):
     assert str(bad) in caplog.text
 
 
+def _actor_rows(fast: bool, experiments: dict[str, dict], batch: dict) -> tuple[dict, dict[str, pd.DataFrame]]:
+    spec = {"name": "bagnet9_small", "weights": None, "num_classes": None}
+    actor = job.ModelActor(experiments=experiments, model=spec, helpers={"bagnet": dict(spec)}, num_classes=10,
+                           use_gpu=False, precision="fp32", seed=0, forward_batch_size=8, common=_common(q=9),
+                           fast=fast, torch_threads=1)
+    out = actor(batch)
+    assert set(out) == set(job.COLUMNS) and all(len(v) == len(experiments) for v in out.values())
+    return out, {name: results.table_from_ipc(payload).to_pandas()
+                 for name, payload in zip(out[job.COL_EXPERIMENT], out[job.COL_ROWS])}
+
+
+def test_model_actor_runs_every_experiment_of_its_model_and_the_fast_path_agrees():
+    """One actor call: a row per experiment (its Arrow rows, images, model evaluations, seconds),
+    the same rows as each experiment run alone; compute.fast gives the same numbers."""
+    world = SyntheticWorld(seed=0, image_size=64)
+    b = world.batch(range(6), split="test")
+    batch = {"image": b["image"], "label": b["label"], "image_id": np.asarray(b["image_id"])}
+    experiments = {"predictions": {}, "heatmaps": {"resolution": "full"}, "shuffle": {"tiles": [16], "num_perms": 1},
+                   "interaction": {"region_sizes": [8], "distances": [0, 16], "pairs_per_distance": 1},
+                   "masking": {"rankings": ["random", "bagnet_heatmap"], "ks": [0, 2], "heatmap_model": "bagnet9_small"}}
+    out, eager = _actor_rows(False, experiments, batch)
+    assert list(out[job.COL_EXPERIMENT]) == list(experiments) and (out[job.COL_IMAGES] == 6).all()
+    # evaluations counted per experiment: 1 per image; shuffle the original + 1 tiling; masking 2 rankings x 2 ks
+    evals = dict(zip(out[job.COL_EXPERIMENT], out[job.COL_EVALS]))
+    assert evals["predictions"] == 6 and evals["shuffle"] == 12 and evals["masking"] >= 4 * 6
+    assert (out[job.COL_SECONDS] > 0).all()
+    _, alone = _actor_rows(False, {"shuffle": experiments["shuffle"]}, batch)
+    pd.testing.assert_frame_equal(alone["shuffle"].drop(columns="created_at"),
+                                  eager["shuffle"].drop(columns="created_at"))
+    _, fast = _actor_rows(True, experiments, batch)
+    for name, df in eager.items():
+        assert list(fast[name].columns) == list(df.columns) and len(fast[name]) == len(df) > 0, name
+        for col in df.columns:
+            if col == "created_at":
+                continue
+            a, f = df[col].to_numpy(), fast[name][col].to_numpy()
+            if df[col].dtype.kind == "f":
+                np.testing.assert_allclose(f, a, rtol=1e-4, atol=1e-4, err_msg=f"{name}.{col}")
+            elif df[col].dtype == object and isinstance(a[0], np.ndarray):  # heatmap values, top-5 lists
+                for x, y in zip(a, f):
+                    np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-4, err_msg=f"{name}.{col}")
+            else:
+                assert (a == f).all(), (name, col)
+
+
 # --------------------------------------------------------------------------------------------
 # config errors: all raised before any Ray work
 
@@ -347,7 +392,8 @@ TINY_PARAMS = [
 def test_other_experiments_end_to_end(ray_session, tmp_path):
     """One tiny part of every other experiment: the runner's columns plus each table's own."""
     names = [n for n in NAMES if n != "predictions"]
-    summary = run_job(tmp_path, *TINY_PARAMS, "dataset.size=8", "compute.batch_size=8", experiment=",".join(names),
+    summary = run_job(tmp_path, *TINY_PARAMS, "dataset.size=8", "compute.batch_size=8", "compute.fast=true",
+                      "compute.torch_threads=2", experiment=",".join(names),
                       models="[{name: bagnet9_small}]")
     assert summary["computed"] == sorted(f"{n}/bagnet9_small" for n in names)
     for name in names:
@@ -356,5 +402,11 @@ def test_other_experiments_end_to_end(ray_session, tmp_path):
         assert set(COMMON + TABLE_COLUMNS[name]) <= set(df.columns), (name, sorted(df.columns))
         assert len(df) > 0 and set(df["image_id"]) == {f"synthetic/test/{i:06d}" for i in range(8)}
         assert summary["rows"][table] == len(df) and (df["q"] == 9).all()
+    # all parts of the model came from one pass over the images (one pipeline, one actor pool)
+    markers = [results.read_marker(str(tmp_path / "t" / EXPERIMENTS[n].TABLE / f"experiment={n}" / "model=bagnet9_small"))
+               for n in names]
+    assert {m["group"] for m in markers} == {"+".join(names) + "/bagnet9_small"}
+    assert all(m["images"] == 8 and m["model_evals"] >= 8 and 0 < m["startup_s"] <= m["group_seconds"] for m in markers)
     manifest = json.loads((tmp_path / "t" / "_SUCCESS").read_text())
     assert set(manifest["rows_per_table"]) == {EXPERIMENTS[n].TABLE for n in names}
+    assert list(manifest["timings"]["groups_s"]) == [markers[0]["group"]]

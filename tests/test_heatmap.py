@@ -84,6 +84,17 @@ def test_full_map_equals_patch_by_patch_definition(name, n, h, w):
         assert_equal_to_rounding(out, ref, 1e-12)  # float64: identical up to rounding
 
 
+def test_full_map_of_a_fast_path_model_is_the_same():
+    """``bagnet.fast`` (BN folded into the convs, channels-last) computes the same map."""
+    from bagnet.fast import optimize_for_inference
+
+    model, x, ref = reference_case(*CASES[0])
+    fast = optimize_for_inference(model, example_input=x[:1])
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fast.modules())  # all folded
+    for method in ("dense", "shift"):
+        assert_equal_to_rounding(heatmap(fast, x, TARGETS, method=method), ref, 1e-12)
+
+
 def test_large_odd_image_equals_the_definition_on_sampled_pixels():
     model, x = make("bagnet33_small"), images(2, 37, 45)
     gen = torch.Generator().manual_seed(0)
