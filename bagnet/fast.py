@@ -151,10 +151,14 @@ def find_conv_bn_pairs(model: nn.Module, example_input: Tensor | None = None) ->
     return pairs
 
 
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """Fold eval-mode ``bn`` into ``conv`` in place (``conv`` gains a bias)."""
+def folded_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d | nn.Identity) -> tuple[Tensor, Tensor]:
+    """Weight and bias of one convolution computing eval-mode ``bn(conv(x))`` (computed in float64,
+    returned in ``conv``'s dtype). A BN that :func:`fold_batchnorm` already folded into ``conv``
+    is an ``nn.Identity``: then ``conv``'s own weight and bias (zero if it has none)."""
+    w = conv.weight
+    if isinstance(bn, nn.Identity):
+        return w, conv.bias if conv.bias is not None else w.new_zeros(conv.out_channels)
     with torch.no_grad():
-        w = conv.weight
         scale = bn.running_var.to(torch.float64).add(bn.eps).rsqrt()
         if bn.weight is not None:
             scale = scale * bn.weight.to(torch.float64)
@@ -164,10 +168,15 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
         if bn.bias is not None:
             shift = shift + bn.bias.to(torch.float64)
         shape = (-1,) + (1,) * (w.dim() - 1)
-        new_w = (w.to(torch.float64) * scale.view(shape)).to(w.dtype)
-        conv.weight = nn.Parameter(new_w.contiguous(memory_format=_memory_format(w)),
-                                   requires_grad=w.requires_grad)
-        conv.bias = nn.Parameter(shift.to(w.dtype), requires_grad=w.requires_grad)
+        return (w.to(torch.float64) * scale.view(shape)).to(w.dtype), shift.to(w.dtype)
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """Fold eval-mode ``bn`` into ``conv`` in place (``conv`` gains a bias)."""
+    w = conv.weight
+    weight, bias = folded_conv(conv, bn)
+    conv.weight = nn.Parameter(weight.contiguous(memory_format=_memory_format(w)), requires_grad=w.requires_grad)
+    conv.bias = nn.Parameter(bias, requires_grad=w.requires_grad)
 
 
 def _memory_format(t: Tensor) -> torch.memory_format:

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bagnet.fast import folded_conv
 from bagnet.models import BagNet, Bottleneck
 
 __all__ = [
@@ -176,18 +177,6 @@ def _batch_to_space(x: Tensor, s: int) -> Tensor:
     return x.reshape(bss // (s * s), c, h * s, w * s)
 
 
-def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d | nn.Identity) -> tuple[Tensor, Tensor]:
-    """Weight and bias of ``bn(conv(x))`` as one convolution (eval-mode BatchNorm is affine);
-    a BN that ``bagnet.fast.fold_batchnorm`` already folded into the conv is an ``nn.Identity``."""
-    if isinstance(bn, nn.Identity):
-        return conv.weight, conv.bias if conv.bias is not None else conv.weight.new_zeros(conv.out_channels)
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = bn.bias - bn.running_mean * scale
-    if conv.bias is not None:
-        bias = bias + conv.bias * scale
-    return conv.weight * scale[:, None, None, None], bias
-
-
 Folded = dict[nn.Conv2d, tuple[Tensor, Tensor]]
 
 
@@ -199,7 +188,7 @@ def _fold_all(model: BagNet) -> Folded:
             pairs += [(block.conv1, block.bn1), (block.conv2, block.bn2), (block.conv3, block.bn3)]
             if block.downsample is not None:
                 pairs.append((block.downsample[0], block.downsample[1]))
-    return {conv: _fold(conv, bn) for conv, bn in pairs}
+    return {conv: folded_conv(conv, bn) for conv, bn in pairs}
 
 
 def _conv_bn(conv: nn.Conv2d, folded: Folded, x: Tensor) -> Tensor:

@@ -418,7 +418,7 @@ class ModelActor:
         images = to_model_input(batch["image"], self.device)
         labels = torch.as_tensor(np.asarray(batch["label"], np.int64), device=self.device)
         image_ids = [str(i) for i in batch["image_id"]]
-        out: dict[str, list] = {COL_EXPERIMENT: [], COL_ROWS: [], COL_IMAGES: [], COL_EVALS: [], COL_SECONDS: []}
+        out: dict[str, list] = {column: [] for column in COLUMNS}
         for name in self.experiments:
             before, start = self.evals, time.perf_counter()
             table = self.run_experiment(name, images, labels, image_ids)
@@ -440,11 +440,10 @@ def _runtime_env(names: list[str]) -> dict | None:
 
 
 def group_parts(parts: list[Part]) -> dict[str, list[Part]]:
-    """Unfinished parts by model, in config order: each group is one pass over the images."""
+    """``parts`` by model, in config order: each group is one pass over the images."""
     groups: dict[str, list[Part]] = {}
     for part in parts:
-        if part.marker is None:
-            groups.setdefault(part.model.name, []).append(part)
+        groups.setdefault(part.model.name, []).append(part)
     return groups
 
 
@@ -565,7 +564,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall = time.perf_counter() - wall
     evals = sum(m["model_evals"] for m in computed.values())
     group_seconds = {m["group"]: m["group_seconds"] for m in computed.values()}
-    part_seconds = sum(group_seconds.values())
+    computed_s = sum(group_seconds.values())
     if computed or not manifest_exists:
         results.write_manifest(plan.run_dir, {
             "run_id": plan.run_id, "complete": True, "experiments": plan.experiments,
@@ -573,7 +572,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "config": to_dict(cfg), "rows_per_table": results.rows_per_table(parts),
             "parts": {rel: {k: v for k, v in m.items() if k != "fingerprint"} for rel, m in parts.items()},
             "timings": {"wall_s": round(wall, 3), "groups_s": group_seconds,
-                        "model_evals": evals, "model_evals_per_s": round(evals / part_seconds, 3) if part_seconds else None},
+                        "model_evals": evals, "model_evals_per_s": round(evals / computed_s, 3) if computed_s else None},
         })
     rows: dict[str, int] = {}
     for part in plan.parts:
@@ -581,12 +580,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"[experiment] run {plan.run_id} complete: {plan.run_dir}")
     for table, n in rows.items():
         print(f"  {table}: {n} rows")
-    rate = f"{evals / part_seconds:.1f} model evaluations/s" if part_seconds else "nothing computed"
+    rate = f"{evals / computed_s:.1f} model evaluations/s" if computed_s else "nothing computed"
     print(f"  {len(computed)} part(s) computed, {len(plan.parts) - len(computed)} skipped; wall {wall:.1f} s; "
           f"{evals} model evaluations, {rate}", flush=True)
     return {"run_id": plan.run_id, "run_dir": plan.run_dir, "rows": rows, "computed": sorted(computed),
             "skipped": sorted(p.key for p in plan.parts if p.key not in computed), "wall_s": wall,
-            "model_evals": evals, "model_evals_per_s": evals / part_seconds if part_seconds else None}
+            "model_evals": evals, "model_evals_per_s": evals / computed_s if computed_s else None}
 
 
 if __name__ == "__main__":
