@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import ray
 
@@ -55,6 +57,21 @@ def init_ray(num_cpus: int | None = None, quiet: bool = True, **kwargs) -> dict:
     if quiet:
         ctx.print_on_execution_start = False
     return ray.cluster_resources()
+
+
+@contextmanager
+def data_context(**settings) -> Iterator[None]:
+    """Set ``DataContext`` fields for the datasets created inside the block (each dataset keeps a
+    copy of the context it was created with), then restore them."""
+    ctx = ray.data.DataContext.get_current()
+    saved = {key: getattr(ctx, key) for key in settings}
+    for key, value in settings.items():
+        setattr(ctx, key, value)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            setattr(ctx, key, value)
 
 
 def _start_local(**kwargs) -> None:

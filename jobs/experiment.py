@@ -115,6 +115,8 @@ class ComputeSpec:
     batch_size: int = 64  # images per actor call
     forward_batch_size: int | None = None  # largest forward batch of perturbed variants (default batch_size)
     actor_pool_size: int = 1  # model replicas per part
+    wait_for_actors_s: int | None = None  # wait this long for all replicas before images flow, then fail
+    # with the resources named (None: start with the first ready replica, Ray adds the rest as they come)
     use_gpu: bool = False
     num_gpus: float = 1.0  # per actor, when use_gpu
     num_cpus: float = 1.0  # per actor; leave CPUs for the generation/decoding tasks
@@ -135,6 +137,8 @@ class ComputeSpec:
         require(self.num_cpus > 0, "num_cpus", f"must be > 0, got {self.num_cpus}")
         require(self.torch_threads is None or self.torch_threads >= 1, "torch_threads",
                 f"must be >= 1, got {self.torch_threads}")
+        require(self.wait_for_actors_s is None or self.wait_for_actors_s >= 1, "wait_for_actors_s",
+                f"must be >= 1 (or null: do not wait), got {self.wait_for_actors_s}")
         require(self.memory_gb is None or self.memory_gb > 0, "memory_gb", f"must be > 0, got {self.memory_gb}")
         require(not self.use_gpu or self.num_gpus > 0, "num_gpus", f"must be > 0 with use_gpu, got {self.num_gpus}")
 
@@ -461,6 +465,7 @@ def run_group(plan: Plan, parts: list[Part], source: Source, runtime_env: dict |
     import ray
 
     from bagnet.models import model_q
+    from cluster.ray_env import data_context
 
     cfg, spec = plan.cfg, parts[0].model
     helpers: dict[str, dict] = {}
@@ -471,18 +476,19 @@ def run_group(plan: Plan, parts: list[Part], source: Source, runtime_env: dict |
     common = {"run_id": plan.run_id, "q": model_q(spec.name), "weights": spec.weights_label,
               "dataset": cfg.dataset.name, "split": cfg.dataset.split, "seed": cfg.seed,
               "precision": cfg.precision, "code_version": results.code_version()}
-    rows = image_dataset(cfg.dataset, source, runtime_env).map_batches(
-        ModelActor,
-        fn_constructor_kwargs={
-            "experiments": {p.experiment: to_dict(p.params) for p in parts}, "model": to_dict(spec),
-            "helpers": helpers, "num_classes": source.num_classes, "use_gpu": cfg.compute.use_gpu,
-            "precision": cfg.precision, "seed": cfg.seed,
-            "forward_batch_size": cfg.compute.forward_batch_size or cfg.compute.batch_size, "common": common,
-            "fast": cfg.compute.fast, "torch_threads": cfg.compute.torch_threads},
-        batch_size=cfg.compute.batch_size, batch_format="numpy", zero_copy_batch=False,
-        compute=ray.data.ActorPoolStrategy(size=cfg.compute.actor_pool_size),
-        num_cpus=cfg.compute.num_cpus, num_gpus=cfg.compute.num_gpus if cfg.compute.use_gpu else 0,
-        memory=cfg.compute.memory_gb * 2**30 if cfg.compute.memory_gb else None, runtime_env=runtime_env)
+    with data_context(wait_for_min_actors_s=cfg.compute.wait_for_actors_s or -1):
+        rows = image_dataset(cfg.dataset, source, runtime_env).map_batches(
+            ModelActor,
+            fn_constructor_kwargs={
+                "experiments": {p.experiment: to_dict(p.params) for p in parts}, "model": to_dict(spec),
+                "helpers": helpers, "num_classes": source.num_classes, "use_gpu": cfg.compute.use_gpu,
+                "precision": cfg.precision, "seed": cfg.seed,
+                "forward_batch_size": cfg.compute.forward_batch_size or cfg.compute.batch_size, "common": common,
+                "fast": cfg.compute.fast, "torch_threads": cfg.compute.torch_threads},
+            batch_size=cfg.compute.batch_size, batch_format="numpy", zero_copy_batch=False,
+            compute=ray.data.ActorPoolStrategy(size=cfg.compute.actor_pool_size),
+            num_cpus=cfg.compute.num_cpus, num_gpus=cfg.compute.num_gpus if cfg.compute.use_gpu else 0,
+            memory=cfg.compute.memory_gb * 2**30 if cfg.compute.memory_gb else None, runtime_env=runtime_env)
     progress: dict[str, PartProgress] = {}
     for part in parts:
         results.discard(part.path)  # leftovers of an interrupted attempt
@@ -549,6 +555,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"[experiment] {part.key}: finished earlier ({part.marker['rows']} rows), skipped", flush=True)
     computed: dict[str, dict] = {}
     if todo:
+        from ray.exceptions import GetTimeoutError
+
         from cluster.ray_env import init_ray
 
         init_ray()
@@ -556,8 +564,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"[experiment] run {plan.run_id}: {len(todo)} of {len(plan.parts)} part(s) to compute on "
               f"{cfg.dataset.name}/{cfg.dataset.split} ({source.num_images} images) -> {plan.run_dir}", flush=True)
         runtime_env = _runtime_env(cfg.compute.forward_env)
-        for group in group_parts(todo).values():
-            computed.update(run_group(plan, group, source, runtime_env))
+        for model, group in group_parts(todo).items():
+            try:
+                computed.update(run_group(plan, group, source, runtime_env))
+            except GetTimeoutError as err:  # raised only with compute.wait_for_actors_s
+                c = cfg.compute
+                raise SystemExit(
+                    f"error: compute.wait_for_actors_s: the {c.actor_pool_size} replica(s) of {model} (each "
+                    f"num_cpus={c.num_cpus}, num_gpus={c.num_gpus if c.use_gpu else 0}, memory_gb={c.memory_gb}) "
+                    f"did not start within {c.wait_for_actors_s} s: the cluster lacks those resources (`ray status`). "
+                    f"{len(computed)} part(s) finished and are kept; a rerun resumes.") from err
 
     parts = results.completed_parts(plan.run_dir)
     manifest_exists = results.read_marker(plan.run_dir) is not None

@@ -228,6 +228,7 @@ def run_job(out, *overrides, experiment="predictions", models="[{name: bagnet9_s
     ({"overrides": ["experiments.shufle={}"]}, "experiments.shufle: unknown experiment"),
     ({"overrides": ["precision=fp16"]}, "precision: 'fp16' is not one of"),
     ({"overrides": ["dataset.split=holdout"]}, "dataset.split: 'holdout' is not one of"),
+    ({"overrides": ["compute.wait_for_actors_s=0"]}, r"compute.wait_for_actors_s: must be >= 1 \(or null"),
     ({"models": "[{name: vgg_small, weights: results/train/nope/model.pt}]"},
      r"models\[0\].weights: file not found: results/train/nope/model.pt \(train it with `python jobs/train.py model.name=vgg_small"),
     ({"overrides": ["dataset.name=imagenet", "dataset.root=/nonexistent/imagenet"]}, "dataset.root: ImageNet root not found"),
@@ -393,7 +394,7 @@ def test_other_experiments_end_to_end(ray_session, tmp_path):
     """One tiny part of every other experiment: the runner's columns plus each table's own."""
     names = [n for n in NAMES if n != "predictions"]
     summary = run_job(tmp_path, *TINY_PARAMS, "dataset.size=8", "compute.batch_size=8", "compute.fast=true",
-                      "compute.torch_threads=2", experiment=",".join(names),
+                      "compute.torch_threads=2", "compute.wait_for_actors_s=300", experiment=",".join(names),
                       models="[{name: bagnet9_small}]")
     assert summary["computed"] == sorted(f"{n}/bagnet9_small" for n in names)
     for name in names:
@@ -410,3 +411,14 @@ def test_other_experiments_end_to_end(ray_session, tmp_path):
     manifest = json.loads((tmp_path / "t" / "_SUCCESS").read_text())
     assert set(manifest["rows_per_table"]) == {EXPERIMENTS[n].TABLE for n in names}
     assert list(manifest["timings"]["groups_s"]) == [markers[0]["group"]]
+
+
+def test_a_model_pool_the_cluster_cannot_place_fails_naming_its_resources(ray_session, tmp_path):
+    """With compute.wait_for_actors_s the job stops instead of waiting forever for resources."""
+    with pytest.raises(SystemExit, match=r"compute.wait_for_actors_s: the 1 replica\(s\) of bagnet9_small "
+                                         r"\(each num_cpus=64.0, num_gpus=0, memory_gb=1.0\) did not start within 2 s"):
+        run_job(tmp_path, "compute.num_cpus=64", "compute.wait_for_actors_s=2", models="[{name: bagnet9_small}]")
+    assert not list(tmp_path.rglob("_SUCCESS")) and not list(tmp_path.rglob("*.parquet"))
+    # the shared Ray instance is free again: the same job with a pool that fits completes
+    assert run_job(tmp_path, "dataset.size=8", "compute.batch_size=8",
+                   models="[{name: bagnet9_small}]")["computed"] == ["predictions/bagnet9_small"]
