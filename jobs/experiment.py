@@ -114,7 +114,7 @@ class DatasetSpec:
 class ComputeSpec:
     batch_size: int = 64  # images per actor call
     forward_batch_size: int | None = None  # largest forward batch of perturbed variants (default batch_size)
-    actor_pool_size: int = 1  # model replicas per part
+    actor_pool_size: int = 1  # model replicas in each model's pass
     wait_for_actors_s: int | None = None  # wait this long for all replicas before images flow, then fail
     # with the resources named (None: start with the first ready replica, Ray adds the rest as they come)
     use_gpu: bool = False
@@ -380,7 +380,7 @@ class ModelActor:
                 if fast:
                     from bagnet.fast import optimize_for_inference
 
-                    net = optimize_for_inference(net, example_input=torch.zeros(1, 3, 64, 64, device=self.device))
+                    net = optimize_for_inference(net)
                 built[key] = net
             return built[key]
 

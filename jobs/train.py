@@ -91,9 +91,17 @@ def _checkpoint_state(checkpoint) -> dict:
         return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
 
 
+CHECKPOINT_PREFIX = "epoch_"
+
+
 def checkpoint_dir_name(epoch: int) -> str:
     """The directory of epoch ``epoch``'s checkpoint inside the run dir."""
-    return f"epoch_{epoch:04d}"
+    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
+
+
+def checkpoint_epoch(path: str) -> int:
+    """The epoch of the checkpoint at ``path`` (a directory :func:`checkpoint_dir_name` named)."""
+    return int(path.rstrip("/").rsplit("/", 1)[-1].removeprefix(CHECKPOINT_PREFIX))
 
 
 def _resume_state(run_dir: str) -> dict | None:
@@ -108,8 +116,7 @@ def _resume_state(run_dir: str) -> dict | None:
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    # epochs the registered checkpoint holds, read from its directory name (checkpoint_dir_name)
-    registered = int(checkpoint.path.rstrip("/").rsplit("epoch_", 1)[1]) + 1 if checkpoint else 0
+    registered = checkpoint_epoch(checkpoint.path) + 1 if checkpoint else 0  # epochs it holds
     metrics_path = storage.join(run_dir, "metrics.parquet")
     committed = storage.read_table(metrics_path).num_rows if storage.exists(metrics_path) else 0
     if committed > registered:
