@@ -25,7 +25,7 @@ import pandas as pd
 from analysis import figures
 from analysis import tables as T
 from analysis.html import Details, Figure, Section, Table, render_html, render_markdown
-from cluster import storage
+from store import storage
 
 TITLE = "BagNet experiments: report"
 

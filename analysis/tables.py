@@ -33,7 +33,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from cluster import storage
+from store import storage
 
 EXPERIMENT_TABLES = ("predictions", "shuffle", "interaction", "masking", "heatmaps")
 TUNE_TABLE = "tune_trials"

@@ -101,7 +101,7 @@ def _check_images(images: Tensor) -> None:
         raise ValueError(f"expected normalised float images (N, 3, H, W), got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise ValueError(f"expected normalised float images, got dtype {images.dtype} "
-                         "(use bagnet.data.to_model_input on uint8 images)")
+                         "(use bagnet.imagenet.to_model_input on uint8 images)")
 
 
 def _target_logits(model: BagNet, features: Tensor, targets: Tensor) -> Tensor:

@@ -10,71 +10,45 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import warnings
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
+from store import storage
+
 if TYPE_CHECKING:
     import torch
-    from fsspec import AbstractFileSystem
 
 MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png")
 
 
-def open_fs(url: str) -> tuple[AbstractFileSystem, str]:
-    """``(fsspec filesystem, path within it)`` for a local path or URL. For ``s3://`` the
-    endpoint comes from ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL`` when set (MinIO etc.)."""
-    import fsspec
-
-    kwargs: dict[str, Any] = {}
-    if url.startswith(("s3://", "s3a://")):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            kwargs["client_kwargs"] = {"endpoint_url": endpoint}
-    return fsspec.core.url_to_fs(url, **kwargs)
-
-
-def read_bytes(url: str) -> bytes:
-    """The bytes of one file, local or remote."""
-    fs, path = open_fs(url)
-    return fs.cat_file(path)
-
-
 class ImageFolderIndex:
     """Index of ``root/<split>/<class>/<image>`` with ``.classes`` (sorted folder names),
     ``.class_to_idx`` and ``.samples`` (list of ``(path, label)``; ``path`` keeps ``root``'s
-    protocol, so :func:`read_bytes` opens it). Files whose extension is not .jpeg/.jpg/.png
+    protocol, so ``store.storage.read_bytes`` opens it). Files whose extension is not .jpeg/.jpg/.png
     (any case) are ignored; files may sit in sub-folders of a class folder."""
 
     def __init__(self, root: str, split: str) -> None:
         self.root, self.split = root, split
-        self.fs, base = open_fs(root)
-        split_dir = f"{base.rstrip('/')}/{split}"
-        self.path = f"{root.rstrip('/')}/{split}"
-        if not self.fs.isdir(split_dir):
-            what = "root" if not self.fs.isdir(base) else "split folder"
-            missing = root if what == "root" else self.path
+        self.path = storage.join(root, split)
+        if not storage.is_dir(self.path):
+            what, missing = ("split folder", self.path) if storage.is_dir(root) else ("root", root)
             raise FileNotFoundError(f"ImageNet {what} not found: {missing}")
-        entries = self.fs.ls(split_dir, detail=True)
-        self.classes: list[str] = sorted(
-            e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+        self.classes: list[str] = [name for name, is_dir in storage.list_dir(self.path) if is_dir]
         if not self.classes:
             raise FileNotFoundError(f"no class folders in {self.path}")
         self.class_to_idx: dict[str, int] = {c: i for i, c in enumerate(self.classes)}
-        proto = root.split("://", 1)[0] if "://" in root else "file"
-        prefix = "" if proto in ("file", "local") else f"{proto}://"
+        split_dir = storage.resolve(self.path)
         counts = dict.fromkeys(self.classes, 0)
         self.samples: list[tuple[str, int]] = []
-        for p in sorted(self.fs.find(split_dir)):
-            rel = p[len(split_dir):].lstrip("/")
-            cls, sep, _ = rel.partition("/")
+        for p in storage.walk_files(self.path):
+            cls, sep, _ = p[len(split_dir):].lstrip("/").partition("/")
             if sep and cls in self.class_to_idx and p.lower().endswith(IMAGE_EXTENSIONS):
-                self.samples.append((prefix + p, self.class_to_idx[cls]))
+                self.samples.append((p, self.class_to_idx[cls]))
                 counts[cls] += 1
         self.samples.sort(key=lambda s: (s[1], s[0]))  # by class, then path (as torchvision)
         if empty := [c for c, n in counts.items() if n == 0]:
@@ -88,7 +62,7 @@ class ImageFolderIndex:
 
     def read(self, i: int) -> bytes:
         """Raw bytes of sample ``i``."""
-        return self.fs.cat_file(self.samples[i][0])
+        return storage.read_bytes(self.samples[i][0])
 
     def load(self, i: int) -> tuple[np.ndarray, int]:
         """Decoded RGB image and label of sample ``i`` (raises :class:`ImageDecodeError`)."""

@@ -8,13 +8,18 @@ final feature map sees exactly one ``q x q`` input patch. Class evidence is comp
 
 from __future__ import annotations
 
+import inspect
+import io
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torchvision
 from torch import Tensor, nn
+
+from bagnet.weights import load_weights, read_saved
 
 __all__ = [
     "BagNet",
@@ -29,7 +34,13 @@ __all__ = [
     "vgg_small",
     "densenet_small",
     "reachable_q",
+    "ModelInfo",
+    "ModelSpec",
+    "register_model",
+    "model_info",
+    "check_options",
     "create_model",
+    "model_bytes",
     "list_models",
     "model_q",
 ]
@@ -355,65 +366,160 @@ def densenet_small(num_classes: int = 1000, **kw: Any) -> torchvision.models.Den
     return torchvision.models.DenseNet(num_classes=num_classes, **kw)
 
 
-def _torchvision(name: str) -> Callable[..., nn.Module]:
-    def build(num_classes: int = 1000, **kw: Any) -> nn.Module:
-        return getattr(torchvision.models, name)(weights=None, num_classes=num_classes, **kw)
-
-    build.__name__ = name
-    return build
-
-
 # --------------------------------------------------------------------------------------------
-# Zoo
+# The registry: every model known by name, with its patch size and builder options.
 
-_BUILDERS: dict[str, Callable[..., nn.Module]] = {
-    "bagnet9": bagnet9,
-    "bagnet17": bagnet17,
-    "bagnet33": bagnet33,
-    "bagnet9_small": bagnet9_small,
-    "bagnet17_small": bagnet17_small,
-    "bagnet33_small": bagnet33_small,
-    "resnet_small": resnet_small,
-    "vgg_small": vgg_small,
-    "densenet_small": densenet_small,
-    **{n: _torchvision(n) for n in ("vgg16", "resnet50", "resnet152", "densenet169")},
-}
-_Q = {
-    "bagnet9": 9, "bagnet17": 17, "bagnet33": 33,
-    "bagnet9_small": 9, "bagnet17_small": 17, "bagnet33_small": 33,
-}
+# aligned: padded 3x3 convs (patches centred on the stride grid); the rest sizes the network.
+BAGNET_OPTIONS: dict[str, type | tuple[type, ...]] = {
+    "aligned": bool, "width": int, "layers": (list, tuple), "strides": (list, tuple), "bn_momentum": float}
 
 
-def list_models() -> list[str]:
-    """Names accepted by :func:`create_model`."""
-    return list(_BUILDERS)
+@dataclass(frozen=True)
+class ModelInfo:
+    """A model known by name: its builder ``(num_classes, **options) -> nn.Module``, its patch size
+    ``q`` (None for a CNN with an unconstrained receptive field) and the options a config may set."""
+
+    name: str
+    builder: Callable[..., nn.Module]
+    q: int | None = None
+    options: dict[str, type | tuple[type, ...]] = field(default_factory=dict)
+    source: str = "bagnet"  # "bagnet" (this module) or "torchvision"
 
 
-def _check(name: str) -> None:
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(_BUILDERS)}")
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(*, q: int | None = None, options: dict[str, type | tuple[type, ...]] | None = None,
+                   name: str | None = None) -> Callable[[Callable[..., nn.Module]], Callable[..., nn.Module]]:
+    """Decorator: register a builder under ``name`` (default: its ``__name__``)."""
+    def add(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        key = name or builder.__name__
+        if key in _REGISTRY:
+            raise ValueError(f"model {key!r} is registered twice")
+        _REGISTRY[key] = ModelInfo(key, builder, q, dict(options or {}))
+        return builder
+    return add
+
+
+for _builder, _q in ((bagnet9, 9), (bagnet17, 17), (bagnet33, 33),
+                     (bagnet9_small, 9), (bagnet17_small, 17), (bagnet33_small, 33)):
+    register_model(q=_q, options=BAGNET_OPTIONS)(_builder)
+for _builder in (resnet_small, vgg_small, densenet_small):
+    register_model()(_builder)
+
+
+def _torchvision_classifiers() -> list[str]:
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def model_info(name: str) -> ModelInfo:
+    """The registered model ``name``, else torchvision's classification model of that name."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]
+    if name in _torchvision_classifiers():
+        def build(num_classes: int = 1000, **kw: Any) -> nn.Module:
+            return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kw)
+        return ModelInfo(name, build, None, {}, "torchvision")
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(_REGISTRY)} and torchvision's "
+                     "classification models (torchvision.models.list_models(module=torchvision.models))")
+
+
+def list_models(builtin_only: bool = False) -> list[str]:
+    """Names accepted by :func:`create_model`: the registered ones, then torchvision's."""
+    return list(_REGISTRY) if builtin_only else [*_REGISTRY, *_torchvision_classifiers()]
 
 
 def model_q(name: str) -> int | None:
-    """Patch size of a zoo BagNet, ``None`` for the unconstrained CNNs."""
-    _check(name)
-    return _Q.get(name)
+    """Patch size of a BagNet, ``None`` for the unconstrained CNNs."""
+    return model_info(name).q
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Raise ``ValueError(message, option)`` unless every option is one model ``name`` declares,
+    with a value of the declared type."""
+    declared = model_info(name).options
+    for key, value in options.items():
+        if key not in declared:
+            known = ", ".join(declared) or "none"
+            raise ValueError(f"model {name!r} has no option {key!r} (its options: {known})", key)
+        types = declared[key] if isinstance(declared[key], tuple) else (declared[key],)
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            wanted = " or ".join(t.__name__ for t in types)
+            raise ValueError(f"model {name!r} option {key!r} must be {wanted}, got {value!r}", key)
+
+
+# --------------------------------------------------------------------------------------------
+# Building, and the spec a saved model carries
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What decides a model's function besides its weights: name, options, number of classes
+    (and the class names, for reading its predictions). Saved inside ``model.pt``."""
+
+    name: str
+    num_classes: int
+    options: dict[str, Any] = field(default_factory=dict)
+    classes: list[str] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "num_classes": self.num_classes, "options": dict(self.options),
+                "classes": list(self.classes) if self.classes is not None else None}
+
+
+def model_bytes(model: nn.Module, spec: ModelSpec) -> bytes:
+    """``model``'s state_dict with its spec, as the bytes of a ``model.pt`` file (plain tensors and
+    plain data: ``torch.load(weights_only=True)`` reads it)."""
+    buf = io.BytesIO()
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"model_spec": spec.to_dict(), "state_dict": state}, buf)
+    return buf.getvalue()
+
+
+def _check_spec(saved: Mapping[str, Any], name: str, num_classes: int | None, options: Mapping[str, Any],
+                source: str) -> tuple[int, dict[str, Any]]:
+    """The number of classes and options to build with for weights saved with spec ``saved``:
+    the saved ones, unless the caller set one differently, which raises naming it."""
+    if saved["name"] != name:
+        raise ValueError(f"weights {source} are of model {saved['name']!r}, not {name!r}")
+    if num_classes is not None and num_classes != saved["num_classes"]:
+        raise ValueError(f"weights {source} were trained with num_classes={saved['num_classes']}, "
+                         f"not {num_classes}")
+    merged = {**saved.get("options", {}), **options}
+    for key in sorted(set(merged)):
+        was = saved.get("options", {}).get(key, _option_default(name, key))
+        if merged[key] != was:
+            raise ValueError(f"weights {source} were trained with option {key}={was!r}, not {merged[key]!r}; "
+                             f"build the model with {key}={was!r}")
+    return saved["num_classes"], merged
+
+
+def _option_default(name: str, key: str) -> Any:
+    parameter = inspect.signature(bagnet).parameters.get(key) if model_q(name) else None
+    return parameter.default if parameter is not None else None
 
 
 def create_model(
-    name: str, num_classes: int = 1000, weights: Any = None, **kwargs: Any
+    name: str, num_classes: int | None = None, weights: Any = None, **options: Any
 ) -> nn.Module:
-    """Build zoo model ``name``; ``kwargs`` go to its builder (e.g. ``aligned=True``).
+    """Build model ``name`` with builder ``options`` (e.g. ``aligned=True``) and load ``weights``.
 
     ``weights`` is anything :func:`bagnet.weights.load_weights` accepts: a local or ``s3://``
     path, an https URL, ``"release"`` (or the model name) for the original BagNet checkpoints,
-    or a torchvision weights name such as ``"IMAGENET1K_V1"`` / ``"DEFAULT"``.
+    or a torchvision weights name such as ``"IMAGENET1K_V1"`` / ``"DEFAULT"``. Weights saved with
+    a spec (a ``model.pt`` of this project) restore the function they were trained as: its
+    options and number of classes, unless one is given differently, which raises naming it.
+    ``num_classes`` defaults to the spec's, else 1000.
     """
-    _check(name)
-    model = _BUILDERS[name](num_classes, **kwargs)
+    info = model_info(name)
+    check_options(name, options)
+    saved = read_saved(weights, name) if weights is not None else None
+    if saved is not None and saved.spec is not None:
+        num_classes, options = _check_spec(saved.spec, name, num_classes, options, str(weights))
+    model = info.builder(num_classes or 1000, **options)
     model.zoo_name = name  # type: ignore[assignment]  # lets load_weights resolve names
-    if weights is not None:
-        from bagnet.weights import load_weights
-
-        load_weights(model, weights, name=name)
+    model.model_spec = ModelSpec(name, num_classes or 1000, dict(options),  # type: ignore[assignment]
+                                 saved.spec.get("classes") if saved is not None and saved.spec else None)
+    if saved is not None:
+        load_weights(model, saved.state_dict, name=name, source=str(weights))
     return model

@@ -128,7 +128,7 @@ def _figure_png(fig, colors: int | None = 256) -> bytes:
 
 
 def _write(path: str, data: bytes) -> None:
-    from cluster import storage
+    from store import storage
 
     storage.write_bytes_atomic(path, data)
     print(f"wrote {path} ({len(data) / 1024:.0f} KiB)", flush=True)
@@ -210,7 +210,7 @@ def top_patches(model: nn.Module, batches: Iterable[np.ndarray] | np.ndarray, *,
     ``batches``: uint8 ``N x H x W x 3`` arrays (an iterable of them, or one array); the patches
     are the model's own (coarse map, stride ``model.stride``). Sorted by value, best first.
     """
-    from bagnet.data import to_model_input
+    from bagnet.imagenet import to_model_input
     from bagnet.heatmap import check_bagnet, coarse_heatmap
 
     bag = check_bagnet(model, full_resolution=False)
@@ -302,7 +302,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from bagnet.data import SyntheticWorld, to_model_input
+    from bagnet.imagenet import to_model_input
+    from bagnet.synthetic import SyntheticWorld
     from bagnet.heatmap import heatmap
     from bagnet.models import create_model
 

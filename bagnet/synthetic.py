@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from store import storage
+
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
 MOTIF_SIZE = 3
 LOCAL_SCALE = 9  # the patch size that solves a local class (smallest BagNet)
@@ -152,6 +154,11 @@ class SyntheticWorld:
     def class_names(self) -> list[str]:
         return list(self._names)
 
+    def class_kinds(self) -> list[str]:
+        """The kind of each class, for accuracy by kind: ``local motifs`` or ``arrangement <s>px``
+        (the smallest window that solves it)."""
+        return ["local motifs" if c.kind == "local" else f"arrangement {c.scale}px" for c in self.classes]
+
     def image_id(self, index: int, split: str = "train") -> str:
         return f"synthetic/{split}/{index:06d}"
 
@@ -245,12 +252,7 @@ def materialize(world: SyntheticWorld, root: str, split: str = "train", n: int =
     Returns the split folder."""
     from PIL import Image
 
-    from bagnet.imagenet import open_fs
-
-    fs, base = open_fs(root)
-    split_dir = f"{base.rstrip('/')}/{split}"
-    for name in world.class_names:
-        fs.makedirs(f"{split_dir}/{name}", exist_ok=True)
+    split_dir = storage.join(root, split)
     fmt = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}[ext.lower()]
     for s in range(start, start + n, batch_size):
         idx = range(s, min(s + batch_size, start + n))
@@ -258,8 +260,7 @@ def materialize(world: SyntheticWorld, root: str, split: str = "train", n: int =
         for i, img, y in zip(idx, b["image"], b["label"]):
             buf = io.BytesIO()
             Image.fromarray(img).save(buf, format=fmt)
-            with fs.open(f"{split_dir}/{world.class_names[y]}/{i:06d}.{ext}", "wb") as f:
-                f.write(buf.getvalue())
+            storage.write_bytes_atomic(f"{split_dir}/{world.class_names[y]}/{i:06d}.{ext}", buf.getvalue())
     return f"{root.rstrip('/')}/{split}"
 
 

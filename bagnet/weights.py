@@ -12,6 +12,7 @@ import os
 import re
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -19,7 +20,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
-from bagnet.imagenet import read_bytes
+from store import storage
 
 __all__ = [
     "RELEASE_URLS", "cache_dir", "cache_path", "resolve_url", "read_state_dict", "load_weights",
@@ -114,10 +115,20 @@ def _unwrap(obj: Any, source: str) -> dict[str, Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def read_state_dict(weights: Any, name: str | None = None) -> dict[str, Tensor]:
-    """Load a state_dict from any source :func:`load_weights` accepts (on CPU)."""
+@dataclass(frozen=True)
+class Saved:
+    """Loaded weights: the state_dict, and the model spec saved with it (``model_spec`` key of a
+    ``model.pt`` of this project; None for plain checkpoints)."""
+
+    state_dict: dict[str, Tensor]
+    spec: dict[str, Any] | None
+
+
+def read_saved(weights: Any, name: str | None = None) -> Saved:
+    """Load the weights from any source :func:`load_weights` accepts (on CPU), with their spec."""
     if isinstance(weights, Mapping):
-        return _unwrap(weights, "the given mapping")
+        spec = weights.get("model_spec") if isinstance(weights.get("model_spec"), Mapping) else None
+        return Saved(_unwrap(weights, "the given mapping"), spec)
     if hasattr(weights, "url") and hasattr(weights, "transforms"):  # torchvision WeightsEnum
         weights = weights.url
     if isinstance(weights, os.PathLike):
@@ -125,7 +136,7 @@ def read_state_dict(weights: Any, name: str | None = None) -> dict[str, Tensor]:
     if not isinstance(weights, str):
         raise TypeError(f"unsupported weights {weights!r}")
     if weights.startswith("s3://"):
-        src: Any = io.BytesIO(read_bytes(weights))
+        src: Any = io.BytesIO(storage.read_bytes(weights))
     elif Path(weights).expanduser().is_file():
         src = Path(weights).expanduser()
     else:
@@ -137,7 +148,13 @@ def read_state_dict(weights: Any, name: str | None = None) -> dict[str, Tensor]:
             )
         src = _download(url)
     state = torch.load(src, map_location="cpu", weights_only=True)
-    return _fix_densenet_keys(_unwrap(state, weights))
+    spec = state.get("model_spec") if isinstance(state, Mapping) else None
+    return Saved(_fix_densenet_keys(_unwrap(state, weights)), spec if isinstance(spec, Mapping) else None)
+
+
+def read_state_dict(weights: Any, name: str | None = None) -> dict[str, Tensor]:
+    """The state_dict of any source :func:`load_weights` accepts (on CPU)."""
+    return read_saved(weights, name).state_dict
 
 
 def _fix_densenet_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -147,7 +164,7 @@ def _fix_densenet_keys(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def load_weights(
-    model: nn.Module, weights: Any, *, strict: bool = True, name: str | None = None
+    model: nn.Module, weights: Any, *, strict: bool = True, name: str | None = None, source: str | None = None
 ) -> nn.Module:
     """Load ``weights`` into ``model`` and return it.
 
@@ -155,8 +172,9 @@ def load_weights(
     from ``AWS_ENDPOINT_URL``), an https URL, ``"release"`` / ``"bagnet33"`` etc. for the
     original BagNet checkpoints, or a torchvision weights name (``"IMAGENET1K_V1"``,
     ``"ResNet50_Weights.IMAGENET1K_V2"``, ``"DEFAULT"``). ``name`` is the zoo model name
-    (default ``model.zoo_name``). A shape mismatch raises ``ValueError`` naming the key when
-    ``strict``; otherwise mismatched keys are skipped with a warning.
+    (default ``model.zoo_name``); ``source`` names the weights in errors (default ``weights``).
+    A shape mismatch raises ``ValueError`` naming the key when ``strict``; otherwise mismatched
+    keys are skipped with a warning.
     """
     name = name or getattr(model, "zoo_name", None)
     state = read_state_dict(weights, name)
@@ -167,7 +185,7 @@ def load_weights(
             f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in bad
         )
         if strict:
-            raise ValueError(f"shape mismatch loading {weights!r}: {details}")
+            raise ValueError(f"shape mismatch loading {source or weights!r}: {details}")
         warnings.warn(f"skipping mismatched keys: {details}", stacklevel=2)
         state = {k: v for k, v in state.items() if k not in bad}
     model.load_state_dict(state, strict=strict)

@@ -214,8 +214,8 @@ class Table:
         return buf.getvalue()
 
     def write_csv(self, path: str) -> None:
-        """Write atomically (local or ``s3://``) through :mod:`cluster.storage`."""
-        from cluster import storage
+        """Write atomically (local or ``s3://``) through :mod:`store.storage`."""
+        from store import storage
 
         storage.write_text_atomic(path, self.csv_text())
         print(f"wrote {path}", flush=True)

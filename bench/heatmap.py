@@ -16,7 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
-from bagnet.data import SyntheticWorld, to_model_input
+from bagnet.imagenet import to_model_input
+from bagnet.synthetic import SyntheticWorld
 from bagnet.heatmap import DEFAULT_MAX_PIXELS, heatmap, reference_heatmap
 from bagnet.models import create_model
 from bench.harness import Table, machine_info, measure

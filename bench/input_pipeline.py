@@ -4,7 +4,7 @@ Sources, each timed in this process (one core) and through Ray Data (``jobs.data
 .build_datasets``, iterated with ``ds.iter_batches`` as a Train worker would), steady state: the
 clock starts at the first batch, so Ray's worker start-up is reported apart (``startup_s``):
 - ``synthetic``: ``SyntheticWorld.batch`` at ``--synthetic-size`` (64) px;
-- ``jpeg``: a temporary ImageNet-layout folder of JPEGs written with ``bagnet.data.materialize``
+- ``jpeg``: a temporary ImageNet-layout folder of JPEGs written with ``bagnet.synthetic.materialize``
   at ``--jpeg-size`` (224) px, read, decoded and ``train_transform``-ed (RandomResizedCrop + flip).
 The consumer of each is the training step of ``--synthetic-model`` / ``--jpeg-model``
 (``bench.throughput.train_images_per_s``); ``ratio`` = pipeline images/s / training images/s.
@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
-from bagnet import data as bdata
+from bagnet import imagenet, synthetic
 from bench.harness import Table, machine_info
 from bench.throughput import train_images_per_s, write_csv
 
@@ -75,7 +75,7 @@ def time_batches(batches: Iterable, count) -> tuple[int, float, float]:
 
 
 def synthetic_in_process(size: int, n: int, batch: int) -> tuple[int, float]:
-    world = bdata.SyntheticWorld(seed=0, image_size=size)
+    world = synthetic.SyntheticWorld(seed=0, image_size=size)
     start = time.perf_counter()
     for s in range(0, n, batch):
         world.batch(range(s, min(s + batch, n)), "train")
@@ -83,12 +83,12 @@ def synthetic_in_process(size: int, n: int, batch: int) -> tuple[int, float]:
 
 
 def jpeg_in_process(root: str, size: int, n: int) -> tuple[int, float]:
-    index = bdata.ImageFolderIndex(root, "train")
-    transform = bdata.train_transform(size, seed=0)
+    index = imagenet.ImageFolderIndex(root, "train")
+    transform = imagenet.train_transform(size, seed=0)
     n = min(n, len(index))
     start = time.perf_counter()
     for i in range(n):
-        transform(bdata.decode_rgb(index.read(i), str(i)))
+        transform(imagenet.decode_rgb(index.read(i), str(i)))
     return n, time.perf_counter() - start
 
 
@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> Table:
     print(f"training rate of {a.synthetic_model} at {a.synthetic_size} px, batch {a.batch} ...", flush=True)
     consumers["synthetic"] = (a.synthetic_model, a.batch, train_images_per_s(
         a.synthetic_model, a.synthetic_size, a.batch, repeat=a.repeat,
-        num_classes=bdata.SyntheticWorld(image_size=a.synthetic_size).num_classes))
+        num_classes=synthetic.SyntheticWorld(image_size=a.synthetic_size).num_classes))
     jpeg_batch = a.jpeg_train_batch
     print(f"training rate of {a.jpeg_model} at {a.jpeg_size} px, batch {jpeg_batch} ...", flush=True)
     consumers["jpeg"] = (a.jpeg_model, jpeg_batch, train_images_per_s(
@@ -116,10 +116,10 @@ def main(argv: Sequence[str] | None = None) -> Table:
                   ratio=ips / rate)
 
     with tempfile.TemporaryDirectory(prefix="bench-jpeg-") as root:
-        world = bdata.SyntheticWorld(seed=0, image_size=a.jpeg_size)
+        world = synthetic.SyntheticWorld(seed=0, image_size=a.jpeg_size)
         t = time.perf_counter()
-        bdata.materialize(world, root, "train", n=a.jpeg_images, ext="jpg")
-        bdata.materialize(world, root, "val", n=max(a.jpeg_images // 8, world.num_classes), ext="jpg")
+        synthetic.materialize(world, root, "train", n=a.jpeg_images, ext="jpg")
+        synthetic.materialize(world, root, "val", n=max(a.jpeg_images // 8, world.num_classes), ext="jpg")
         print(f"wrote {a.jpeg_images} JPEGs ({a.jpeg_size} px) to {root} in {time.perf_counter() - t:.1f} s", flush=True)
 
         add("synthetic", a.synthetic_size, "process", *synthetic_in_process(a.synthetic_size, a.synthetic_images, a.batch))

@@ -39,7 +39,8 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_ACTOR_RECONCILIATION", "0")
 
 import torch
 
-from bagnet.data import SyntheticWorld, to_model_input
+from bagnet.imagenet import to_model_input
+from bagnet.synthetic import SyntheticWorld
 from bench.harness import Table, machine_info
 from bench.throughput import write_csv
 
@@ -120,7 +121,7 @@ def plain_train(a: argparse.Namespace, cfg) -> list[dict]:
 
 
 def bench_train(a: argparse.Namespace, table: Table) -> None:
-    from cluster import storage
+    from store import storage
     from jobs.datasets import build_datasets
     from jobs.train import build_trainer
 
@@ -163,7 +164,7 @@ def plain_predictions(a: argparse.Namespace) -> float:
     from bagnet.experiments import predictions
     from bagnet.experiments.base import ExperimentContext
     from bagnet.models import create_model, model_q
-    from cluster import results
+    from store import results
 
     world = SyntheticWorld(seed=0, image_size=a.size)
     model = create_model(a.model, num_classes=world.num_classes).eval()
@@ -182,7 +183,7 @@ def plain_predictions(a: argparse.Namespace) -> float:
 
 
 def bench_experiment(a: argparse.Namespace, table: Table) -> None:
-    from cluster import results
+    from store import results
     from jobs import experiment
 
     print(f"[experiment] plain loop: predictions on {a.eval_images} images ...", flush=True)

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bagnet.data import SyntheticWorld, to_model_input
+from bagnet.imagenet import to_model_input
+from bagnet.synthetic import SyntheticWorld
 from bagnet.fast import (FastConfig, autocast_context, compare_outputs, compile_model,
                          inference_context, optimize_for_inference, to_channels_last)
 from bagnet.models import create_model, list_models
@@ -234,7 +235,7 @@ def ratios(rows: list[dict], numerator: str = "bagnet33", denominator: str = "re
 
 
 def write_csv(table: Table, path: str) -> None:
-    """``table.write_csv`` (atomic, local or s3://); a plain local write where ``cluster.storage``'s
+    """``table.write_csv`` (atomic, local or s3://); a plain local write where ``store.storage``'s
     dependencies (pyarrow) are missing, e.g. on a bare GPU machine."""
     try:
         table.write_csv(path)

@@ -28,7 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python cluster/runtime_env.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cluster import storage
+from store import storage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,9 +37,12 @@ EXCLUDES: tuple[str, ...] = (
     ".git/", ".venv/", "venv/", "results/", "runs/", "bench/out/", "docs/img/",
     "__pycache__/", ".pytest_cache/", "*.egg-info/", "*.pt", "*.pth", "*.pth.tar", "*.ckpt",
 )
-# Forwarded from the submitting shell when set: where S3 is, never who you are.
+# Forwarded from the submitting shell (or driver) to the cluster's processes when set: where S3 is
+# and which named profile to use, never the credentials themselves (nodes get those from their
+# instance profile; add AWS_ACCESS_KEY_ID etc. to compute.forward_env for stores without one).
 FORWARDED_ENV: tuple[str, ...] = (
-    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "BAGNET_PROGRESS_BARS",
+    "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
+    "BAGNET_CACHE", "BAGNET_PROGRESS_BARS",
 )
 CREDENTIAL_ENV: tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # Never pinned through a runtime env: the cluster's Ray must stay the one its nodes run.

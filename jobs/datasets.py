@@ -11,7 +11,7 @@ import ray
 
 from bagnet import data as bdata
 from bagnet.config import ConfigError, require
-from cluster import storage
+from store import storage
 
 log = logging.getLogger(__name__)
 

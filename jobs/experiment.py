@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # `python jobs/experiment.py` from a checkout
 import numpy as np
 
 from bagnet.config import ConfigError, dump_yaml, from_dict, load_config, require, to_dict
-from cluster import results, storage
+from store import results, storage
 
 log = logging.getLogger("jobs.experiment")
 
@@ -95,7 +95,7 @@ class DatasetSpec:
         require(self.read_batch_size >= 1, "read_batch_size", f"must be >= 1, got {self.read_batch_size}")
         require(self.num_cpus > 0, "num_cpus", f"must be > 0, got {self.num_cpus}")
         if self.name == "synthetic":
-            from bagnet.data import SPLITS
+            from bagnet.synthetic import SPLITS
 
             require(self.split in SPLITS, "split", f"{self.split!r} is not one of {sorted(SPLITS)}")
             require(self.size >= 1, "size", f"must be >= 1, got {self.size}")
@@ -263,7 +263,7 @@ def make_plan(cfg: ExperimentJobConfig, experiments: list[str], config_path: str
 
 
 def _synthetic_images(batch: dict[str, np.ndarray], *, seed: int, image_size: int, split: str) -> dict:
-    from bagnet.data import SyntheticWorld
+    from bagnet.synthetic import SyntheticWorld
 
     out = SyntheticWorld(seed=seed, image_size=image_size).batch(batch["id"], split=split)
     return {"image": out["image"], "label": out["label"], "image_id": out["image_id"]}
@@ -271,7 +271,7 @@ def _synthetic_images(batch: dict[str, np.ndarray], *, seed: int, image_size: in
 
 def _imagenet_images(batch: dict[str, np.ndarray], *, root: str, size: int, resize: int) -> dict:
     """Read, decode and centre-crop; unreadable images are logged with their path and dropped."""
-    from bagnet.data import ImageDecodeError, decode_rgb, eval_transform
+    from bagnet.imagenet import ImageDecodeError, decode_rgb, eval_transform
 
     transform = eval_transform(size, resize)
     fs, _ = storage.fsspec_fs(root)
@@ -300,10 +300,10 @@ class Source:
 def describe_source(spec: DatasetSpec) -> Source:
     """Size and classes of the dataset (lists an ImageNet folder; no Ray)."""
     if spec.name == "synthetic":
-        from bagnet.data import SyntheticWorld
+        from bagnet.synthetic import SyntheticWorld
 
         return Source(spec.size, SyntheticWorld(seed=spec.seed, image_size=spec.image_size).num_classes)
-    from bagnet.data import ImageFolderIndex
+    from bagnet.imagenet import ImageFolderIndex
 
     root = storage.resolve(spec.root)
     try:
@@ -417,7 +417,7 @@ class ModelActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
-        from bagnet.data import to_model_input
+        from bagnet.imagenet import to_model_input
 
         images = to_model_input(batch["image"], self.device)
         labels = torch.as_tensor(np.asarray(batch["label"], np.int64), device=self.device)

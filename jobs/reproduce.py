@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # `python jobs/reproduce.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bagnet.config import ConfigError, load_config, require
-from cluster import storage
+from store import storage
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "reproduce-synthetic.yaml"

@@ -30,7 +30,7 @@ import torch
 
 from bagnet.config import ConfigError, dump_yaml, from_dict, load_config, require, to_dict
 from bagnet.training import OptimConfig, evaluate, make_optimizer, train_epoch
-from cluster import storage
+from store import storage
 from jobs.datasets import DataConfig, TrainData, build_datasets, check_paths
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "synthetic.yaml"
@@ -126,7 +126,7 @@ def _resume_state(run_dir: str) -> dict | None:
 
 
 def _to_batches(iterator, device):
-    from bagnet.data import to_model_input
+    from bagnet.imagenet import to_model_input
 
     for batch in iterator:
         yield to_model_input(batch["image"].to(device)), batch["label"].to(device).long()
@@ -270,7 +270,7 @@ def check_rerun(cfg: TrainJobConfig, run_dir: str) -> bool:
 
 def print_kind_accuracy(data_cfg: DataConfig, per_class) -> dict[str, float]:
     """Validation top-1 per synthetic class kind (local motifs, arrangement pairs by scale)."""
-    from bagnet.data import SyntheticWorld
+    from bagnet.synthetic import SyntheticWorld
     from bagnet.metrics import group_mean
 
     world = SyntheticWorld(seed=data_cfg.seed, image_size=data_cfg.image_size)

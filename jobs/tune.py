@@ -37,7 +37,7 @@ import yaml
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from bagnet.config import ConfigError, dump_yaml, from_dict, merge, parse_overrides, read_yaml, require, to_dict
-from cluster import storage
+from store import storage
 from jobs.datasets import build_datasets, check_paths
 from jobs.train import TrainJobConfig, build_trainer, export_model
 

@@ -135,7 +135,7 @@ def write_run(root: Path, run_id: str, tables: dict[str, pd.DataFrame], complete
     """One experiment run folder as ``cluster/results.py`` writes it: one part per
     (table, experiment, model) with its marker, then the ``_SUCCESS`` run manifest (unless
     ``complete`` is False). Models in ``uncommitted`` get their files but no part marker."""
-    from cluster import results
+    from store import results
 
     run_dir = str(root / run_id)
     for name, df in tables.items():

@@ -1,4 +1,4 @@
-"""Tests for bagnet.data: the synthetic world, the ImageNet folder index, decoding, transforms."""
+"""Tests for bagnet.imagenet and bagnet.synthetic: the synthetic world, the ImageNet folder index, decoding, transforms."""
 
 from __future__ import annotations
 
@@ -11,23 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from bagnet.data import (
-    MEAN,
-    MOTIF_SIZE,
-    MOTIFS,
-    STD,
-    ImageDecodeError,
-    ImageFolderIndex,
-    SyntheticWorld,
-    decode_rgb,
-    eval_transform,
-    materialize,
-    open_fs,
-    read_bytes,
-    to_model_input,
-    train_transform,
+from bagnet.imagenet import (
+    MEAN, STD, ImageDecodeError, ImageFolderIndex, decode_rgb, eval_transform, to_model_input, train_transform,
 )
-from bagnet.synthetic import LOCAL_SCALE, main
+from bagnet.synthetic import LOCAL_SCALE, MOTIF_SIZE, MOTIFS, SyntheticWorld, main, materialize
+from store import storage
 
 M = MOTIF_SIZE
 
@@ -180,7 +168,7 @@ def test_materialize_and_folder_index(world: SyntheticWorld, tmp_path: Path) -> 
     for path, label in idx.samples:
         i = int(Path(path).stem)
         assert label == i % world.num_classes
-        assert np.array_equal(decode_rgb(read_bytes(path), path), world.sample(i, "val").image)
+        assert np.array_equal(decode_rgb(storage.read_bytes(path), path), world.sample(i, "val").image)
     img, label = idx.load(0)
     assert img.shape == (64, 64, 3) and label == idx.samples[0][1]
 
@@ -195,13 +183,6 @@ def test_folder_index_extensions_and_memory_fs(tmp_path: Path) -> None:
     assert idx.classes == ["a", "b"]
     names = [(Path(p).name, y) for p, y in idx.samples]
     assert names == [("z.PnG", 0), ("y.jpg", 1), ("x.JPEG", 1)]
-    # A non-local filesystem: paths keep the protocol and open with read_bytes.
-    mroot = "memory://bagnet-test-data"
-    materialize(SyntheticWorld(), mroot, "train", 12)
-    midx = ImageFolderIndex(mroot, "train")
-    assert len(midx) == 12 and midx.samples[0][0].startswith("memory://")
-    assert decode_rgb(read_bytes(midx.samples[0][0]), "x").shape == (64, 64, 3)
-    midx.fs.rm(mroot, recursive=True)
 
 
 def test_folder_index_errors(tmp_path: Path) -> None:
@@ -215,14 +196,6 @@ def test_folder_index_errors(tmp_path: Path) -> None:
     (tmp_path / "train/n01").mkdir()
     with pytest.raises(FileNotFoundError, match="train/n01"):
         ImageFolderIndex(str(tmp_path), "train")
-
-
-def test_open_fs_s3_endpoint(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
-    fs, path = open_fs("s3://bucket/prefix")
-    assert path == "bucket/prefix"
-    assert fs.client_kwargs["endpoint_url"] == "http://127.0.0.1:9"
 
 
 # -- decoding -----------------------------------------------------------------------------------

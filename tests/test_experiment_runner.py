@@ -12,12 +12,13 @@ import pytest
 import torch
 from torch import nn
 
-from bagnet.data import SyntheticWorld, materialize, to_model_input
+from bagnet.imagenet import to_model_input
+from bagnet.synthetic import SyntheticWorld, materialize
 from bagnet.experiments import EXPERIMENTS, NAMES, ExperimentContext, ExperimentRegistry, ExperimentUnavailable
 from bagnet.experiments import predictions
 from bagnet.models import create_model
 from bagnet.config import load_config
-from cluster import results, storage
+from store import results, storage
 from jobs import experiment as job
 from tests.fixtures_s3 import storage_options
 

@@ -268,7 +268,7 @@ def test_gallery_and_top_patches_pictures(tmp_path):
 
     best = top_patches(model, [batch[:2], batch[2:]], k=3, classes=[1, 4])
     assert list(best) == [1, 4]
-    from bagnet.data import to_model_input
+    from bagnet.imagenet import to_model_input
 
     coarse = coarse_heatmap(model, to_model_input(batch), [1, 4]).numpy()
     for ci, c in enumerate([1, 4]):

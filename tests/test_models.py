@@ -192,6 +192,40 @@ def test_small_cnns_have_large_receptive_field(name: str) -> None:
     assert min(_extent(support)) > 33
 
 
+def test_any_torchvision_classifier_by_name() -> None:
+    """Models outside the project's registry come from torchvision's own, with any head size."""
+    import torchvision
+
+    names = set(list_models())
+    assert set(torchvision.models.list_models(module=torchvision.models)) <= names
+    model = create_model("mobilenet_v3_small", num_classes=7).eval()
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 7) and model_q("mobilenet_v3_small") is None
+    with pytest.raises(ValueError, match="unknown model 'no_such_net'"):
+        create_model("no_such_net")
+
+
+def test_saved_spec_restores_the_trained_function(tmp_path) -> None:
+    """A model.pt carries name, options and classes: loading without options rebuilds the aligned
+    net it was trained as; asking for other options refuses, naming the option."""
+    from bagnet.models import ModelSpec, model_bytes
+
+    trained = create_model("bagnet17_small", num_classes=5, aligned=True).eval()
+    path = tmp_path / "model.pt"
+    path.write_bytes(model_bytes(trained, ModelSpec("bagnet17_small", 5, {"aligned": True}, list("abcde"))))
+    loaded = create_model("bagnet17_small", weights=str(path)).eval()
+    x = torch.randn(2, 3, 48, 48)
+    assert loaded.aligned and loaded.model_spec.classes == list("abcde")
+    assert torch.equal(loaded(x), trained(x))
+    with pytest.raises(ValueError, match="option aligned=True, not False"):
+        create_model("bagnet17_small", weights=str(path), aligned=False)
+    with pytest.raises(ValueError, match="num_classes=5, not 10"):
+        create_model("bagnet17_small", num_classes=10, weights=str(path))
+    with pytest.raises(ValueError, match="of model 'bagnet17_small', not 'bagnet33_small'"):
+        create_model("bagnet33_small", weights=str(path))
+    with pytest.raises(ValueError, match="has no option 'aligned'"):
+        create_model("resnet_small", aligned=True)
+
+
 def test_zoo_builds_everything() -> None:
     names = list_models()
     assert set(names) >= {
@@ -200,7 +234,7 @@ def test_zoo_builds_everything() -> None:
         "densenet169",
     }
     x = torch.randn(1, 3, 64, 64)
-    for name in names:
+    for name in list_models(builtin_only=True) + ["vgg16", "resnet50", "resnet152", "densenet169"]:
         model = create_model(name, num_classes=10).eval()
         assert model.zoo_name == name
         if name in ("vgg16", "resnet50", "resnet152", "densenet169"):
@@ -218,7 +252,8 @@ def test_unknown_model() -> None:
     with pytest.raises(ValueError, match="known models: .*bagnet33"):
         create_model("bagnet34")
     with pytest.raises(ValueError, match="unknown model"):
-        model_q("alexnet")
+        model_q("alexnet_v9")
+    assert model_q("alexnet") is None  # torchvision's, an unconstrained CNN
 
 
 # ------------------------------------------------------------------ weights

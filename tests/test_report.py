@@ -233,7 +233,7 @@ def test_help():
 
 
 def test_report_from_s3(built, s3_bucket, tmp_path):
-    from cluster import storage
+    from store import storage
 
     local = built["results"]
     for sub in ("experiments/run-old", "experiments/run-partial", "train/bagnet9_small"):

@@ -3,9 +3,10 @@
 import pandas as pd
 import torch
 
-from bagnet.data import ImageFolderIndex, SyntheticWorld, materialize
+from bagnet.imagenet import ImageFolderIndex
+from bagnet.synthetic import SyntheticWorld, materialize
 from bagnet.models import create_model
-from cluster import results, storage
+from store import results, storage
 from tests.fixtures_s3 import storage_options
 
 

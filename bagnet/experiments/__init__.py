@@ -1,80 +1,93 @@
-"""The experiments: one module per experiment, found by name in :data:`EXPERIMENTS`.
-
-Each module ``bagnet/experiments/<name>.py`` exposes ``TABLE`` (result table name), a ``Params``
-dataclass and ``run(model, images, labels, params, *, ctx) -> list[dict]`` (contract in
-``docs/architecture.md``), and optionally ``helper_models(params) -> dict[str, str]`` naming the
-zoo models it needs besides the evaluated one (``ctx.helper_models`` key -> model name) and
-``applies_to(model_name) -> bool`` (default: every model), which the runner uses to leave out
-models an experiment is not defined for (heatmaps need a BagNet).
-
-Modules are imported on first use, so a missing or broken module only affects its own name.
+"""The experiment registry: every module of this package that declares ``TABLE`` is an experiment
+(the contract is in :mod:`bagnet.experiments.base`), found by scanning the package, so adding one
+is adding its module. Modules of other packages join with :meth:`ExperimentRegistry.register`
+(a dotted import path, importable wherever the experiment runs).
 """
 
 from __future__ import annotations
 
 import importlib
-import importlib.util
+import pkgutil
 from collections.abc import Iterator, Mapping
 from types import ModuleType
 
-from bagnet.experiments.base import ExperimentContext, forward_in_chunks
-
-NAMES: tuple[str, ...] = ("predictions", "heatmaps", "shuffle", "interaction", "masking")
-REQUIRED_ATTRIBUTES: tuple[str, ...] = ("TABLE", "Params", "run")
+from bagnet.experiments.base import (
+    REQUIRED_ATTRIBUTES, CustomSection, ExperimentContext, Summary, forward_in_chunks,
+)
 
 
 class UnknownExperiment(KeyError):
-    """A name that is not one of :data:`NAMES`."""
+    """A name that is not a registered experiment."""
 
     def __str__(self) -> str:  # KeyError would print the repr of the message
         return str(self.args[0])
 
 
 class ExperimentUnavailable(ImportError):
-    """A registered experiment whose module is missing or does not follow the contract."""
+    """A module that does not follow the experiment contract."""
+
+
+def check_contract(module: ModuleType) -> ModuleType:
+    """``module`` if it declares every attribute of the contract, else :class:`ExperimentUnavailable`."""
+    missing = [a for a in REQUIRED_ATTRIBUTES if not hasattr(module, a)]
+    if missing:
+        raise ExperimentUnavailable(
+            f"experiment module {module.__name__} lacks {', '.join(missing)} (see bagnet/experiments/base.py)")
+    return module
 
 
 class ExperimentRegistry(Mapping[str, ModuleType]):
-    """``EXPERIMENTS[name]`` imports ``bagnet.experiments.<name>`` lazily and checks its contract."""
+    """``EXPERIMENTS[name]`` is the module of experiment ``name``; iteration gives the names, the
+    built-in ones in package order (``predictions`` first), then the registered ones."""
 
-    def __init__(self, names: tuple[str, ...] = NAMES) -> None:
-        self.names = names
+    def __init__(self, package: str = __name__) -> None:
+        self.package = package
+        self._modules: dict[str, ModuleType] | None = None
 
-    def __getitem__(self, name: str) -> ModuleType:
-        if name not in self.names:
-            raise UnknownExperiment(f"unknown experiment {name!r}; known: {', '.join(self.names)}")
-        module_name = f"{__name__}.{name}"
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as err:
-            if err.name != module_name:
-                raise
-            raise ExperimentUnavailable(
-                f"experiment {name!r} is registered but its module bagnet/experiments/{name}.py "
-                "does not exist") from None
-        missing = [a for a in REQUIRED_ATTRIBUTES if not hasattr(module, a)]
-        if missing:
-            raise ExperimentUnavailable(
-                f"bagnet/experiments/{name}.py lacks {', '.join(missing)} (see docs/architecture.md)")
+    def _scan(self) -> dict[str, ModuleType]:
+        if self._modules is None:
+            found: dict[str, ModuleType] = {}
+            path = importlib.import_module(self.package).__path__
+            for info in sorted(pkgutil.iter_modules(path), key=lambda i: (i.name != "predictions", i.name)):
+                module = importlib.import_module(f"{self.package}.{info.name}")
+                if hasattr(module, "TABLE"):
+                    found[info.name] = check_contract(module)
+            self._modules = found
+        return self._modules
+
+    def register(self, dotted: str) -> ModuleType:
+        """Add the experiment module at import path ``dotted`` under its last name component."""
+        module = check_contract(importlib.import_module(dotted))
+        name = dotted.rsplit(".", 1)[-1]
+        modules = self._scan()
+        if name in modules and modules[name] is not module:
+            raise ValueError(f"experiment {name!r} is already registered by {modules[name].__name__}")
+        modules[name] = module
         return module
 
-    def __contains__(self, name: object) -> bool:
-        return name in self.names
+    def unregister(self, name: str) -> None:
+        self._scan().pop(name, None)
+
+    def __getitem__(self, name: str) -> ModuleType:
+        modules = self._scan()
+        if name not in modules:
+            raise UnknownExperiment(f"unknown experiment {name!r}; known: {', '.join(modules)}")
+        return modules[name]
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self.names)
+        return iter(list(self._scan()))
 
     def __len__(self) -> int:
-        return len(self.names)
+        return len(self._scan())
 
-    def available(self) -> list[str]:
-        """Names whose module file exists (without importing them)."""
-        return [n for n in self.names if importlib.util.find_spec(f"{__name__}.{n}") is not None]
+    def tables(self) -> dict[str, str]:
+        """``{experiment name: table name}``."""
+        return {name: module.TABLE for name, module in self._scan().items()}
 
 
 EXPERIMENTS = ExperimentRegistry()
 
 __all__ = [
-    "EXPERIMENTS", "NAMES", "ExperimentRegistry", "ExperimentUnavailable", "UnknownExperiment",
-    "ExperimentContext", "forward_in_chunks",
+    "EXPERIMENTS", "ExperimentRegistry", "ExperimentUnavailable", "UnknownExperiment", "check_contract",
+    "ExperimentContext", "Summary", "CustomSection", "forward_in_chunks",
 ]

@@ -14,14 +14,25 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
 from bagnet.config import require
-from bagnet.experiments.base import ExperimentContext, forward_in_chunks
+from bagnet.experiments.base import CustomSection, ExperimentContext, forward_in_chunks
 from bagnet.heatmap import DEFAULT_MAX_PIXELS, check_bagnet, coarse_heatmap, heatmap
 
 TABLE = "heatmaps"
+SCHEMA = pa.schema([
+    ("target", pa.int64()),
+    ("height", pa.int64()),
+    ("width", pa.int64()),
+    ("values", pa.list_(pa.float32())),
+    ("resolution", pa.string()),
+    ("stride", pa.int64()),
+    ("origin", pa.int64()),
+])
+REPORT = CustomSection("heatmaps")  # galleries over the images and the most informative patches
 
 
 def applies_to(model_name: str) -> bool:

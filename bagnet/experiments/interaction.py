@@ -24,11 +24,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
 from bagnet.config import require
-from bagnet.experiments.base import ExperimentContext, forward_in_chunks
+from bagnet.experiments.base import ExperimentContext, Summary, forward_in_chunks
 from bagnet.experiments.perturb import (
     Box,
     FILLS,
@@ -42,6 +43,22 @@ from bagnet.experiments.perturb import (
 )
 
 TABLE = "interaction"
+SCHEMA = pa.schema([
+    ("patch_size", pa.int64()),
+    ("a_y", pa.int64()), ("a_x", pa.int64()), ("b_y", pa.int64()), ("b_x", pa.int64()),
+    ("distance", pa.int64()),
+    ("delta_a", pa.float64()),
+    ("delta_b", pa.float64()),
+    ("delta_ab", pa.float64()),
+    ("interaction", pa.float64()),
+])
+REPORT = Summary(
+    title="Interactions between image parts", x="distance", x_label="distance between the regions (px)",
+    values={"|interaction|": "mean |interaction|", "interaction": "mean interaction"},
+    style="patch_size", mark_q=True,
+    caption="Interaction (change of the label logit when both regions are perturbed minus the two single "
+            "changes) against their distance; dotted lines: patch size q of each BagNet.",
+)
 
 
 @dataclass
@@ -64,10 +81,6 @@ class Params:
         require(self.blur_sigma > 0, "blur_sigma", f"must be > 0, got {self.blur_sigma}")
 
 
-PRESETS: dict[str, Params] = {
-    "synthetic": Params(),
-    "imagenet": Params(region_sizes=[16], distances=[0, 8, 16, 32, 48, 64, 96, 128]),
-}
 
 
 # --------------------------------------------------------------------------------------------

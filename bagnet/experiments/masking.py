@@ -27,12 +27,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import torch
 from captum.attr import IntegratedGradients, Occlusion
 from torch import Tensor, nn
 
 from bagnet.config import require
-from bagnet.experiments.base import ExperimentContext, forward_in_chunks
+from bagnet.experiments.base import ExperimentContext, Summary, forward_in_chunks
 from bagnet.experiments.perturb import (
     FILLS,
     Fill,
@@ -51,6 +52,18 @@ from bagnet.experiments.perturb import (
 
 TABLE = "masking"
 RANKINGS: tuple[str, ...] = ("bagnet_heatmap", "occlusion", "integrated_gradients", "random")
+SCHEMA = pa.schema([
+    ("ranking", pa.string()),
+    ("k_masked", pa.int64()),
+    ("label_logit", pa.float64()),
+    ("label_logit_delta", pa.float64()),
+    ("correct_top5", pa.bool_()),
+])
+REPORT = Summary(
+    title="Masking the most informative regions", x="k_masked", x_label="regions masked (k)",
+    values={"label_logit": "label logit", "correct_top5": "top-5 accuracy"}, style="ranking",
+    caption="Label logit and top-5 accuracy as the k highest-ranked regions are masked; line style: ranking method.",
+)
 
 
 @dataclass
@@ -78,11 +91,6 @@ class Params:
         require(self.heatmap_model != "", "heatmap_model", "must be a model name or null")
 
 
-PRESETS: dict[str, Params] = {
-    "synthetic": Params(heatmap_model="bagnet33_small"),
-    "imagenet": Params(region_size=16, ks=[0, 1, 2, 5, 10, 20, 50, 100], ig_steps=50,
-                       heatmap_model="bagnet33"),
-}
 
 
 def helper_models(params: Params) -> dict[str, str]:

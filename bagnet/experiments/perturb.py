@@ -1,6 +1,6 @@
 """Image perturbations shared by the ``shuffle``, ``interaction`` and ``masking`` experiments.
 
-Images are normalised float NCHW tensors (``bagnet.data.MEAN/STD``); every function keeps their
+Images are normalised float NCHW tensors (``bagnet.imagenet.MEAN/STD``); every function keeps their
 dtype and device. Boxes are ``(top, left, bottom, right)`` with exclusive ends, the convention of
 ``BagNet.patch_box``. Grids of ``size x size`` cells (tiles, regions) cover the *divisible area*
 ``(H // size * size) x (W // size * size)``; the bottom/right remainder border belongs to no cell.
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bagnet.config import require
-from bagnet.data import MEAN, STD
+from bagnet.imagenet import MEAN, STD
 from bagnet.experiments.base import ExperimentContext, forward_in_chunks
 from bagnet.metrics import topk_correct
 

@@ -12,14 +12,23 @@ from itertools import combinations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
-from bagnet.experiments.base import ExperimentContext, forward_in_chunks
+from bagnet.experiments.base import CustomSection, ExperimentContext, forward_in_chunks
 from bagnet.metrics import cohens_kappa, per_class_accuracy, topk_correct
 
 TABLE = "predictions"
 TOPK = 5
+SCHEMA = pa.schema([
+    ("pred_top5", pa.list_(pa.int64())),
+    ("correct_top1", pa.bool_()),
+    ("correct_top5", pa.bool_()),
+    ("label_logit", pa.float64()),
+    ("max_logit", pa.float64()),
+])
+REPORT = CustomSection("accuracy")  # accuracy and error consistency, beside the training runs
 
 
 @dataclass

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
 from bagnet.config import require
-from bagnet.experiments.base import ExperimentContext, forward_in_chunks
+from bagnet.experiments.base import ExperimentContext, Summary, forward_in_chunks
 from bagnet.experiments.perturb import (
     derive_seed,
     forward_variants,
@@ -31,6 +32,19 @@ from bagnet.experiments.perturb import (
 )
 
 TABLE = "shuffle"
+SCHEMA = pa.schema([
+    ("tile", pa.int64()),
+    ("perm_seed", pa.int64()),
+    ("correct_top1", pa.bool_()),
+    ("correct_top5", pa.bool_()),
+    ("label_logit", pa.float64()),
+    ("label_logit_delta", pa.float64()),
+])
+REPORT = Summary(
+    title="Patch shuffling", x="tile", x_label="tile size (px)",
+    values={"correct_top1": "top-1 accuracy", "label_logit_delta": "label-logit change"},
+    caption="Accuracy and change of the label logit when the image's tiles are shuffled, against tile size.",
+)
 
 
 @dataclass
@@ -46,10 +60,6 @@ class Params:
         require(self.num_perms >= 1, "num_perms", f"must be >= 1, got {self.num_perms}")
 
 
-PRESETS: dict[str, Params] = {
-    "synthetic": Params(),
-    "imagenet": Params(tiles=[8, 16, 32, 56, 112, 224], num_perms=3),
-}
 
 
 def perm_seed(seed: int, image_id: str, perm_index: int) -> int:

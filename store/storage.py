@@ -1,8 +1,10 @@
-"""Storage paths, local or ``s3://``: filesystems, atomic writes, run manifests.
+"""Storage paths, local or ``s3://``: the one filesystem layer of the project.
 
-S3-compatible stores (MinIO, moto, Ceph) are reached by setting ``AWS_ENDPOINT_URL``; both the
-pyarrow filesystem (used by Ray Train and Parquet) and fsspec/s3fs (used for reading images and
-checkpoints) honour it.
+Every read and write of the project (images, weights, checkpoints, Parquet, markers) goes through
+``pyarrow.fs``, the filesystem Ray Train, Ray Data and Parquet use themselves, so one endpoint and
+region policy serves all of them: S3-compatible stores (MinIO, moto, Ceph) are reached by setting
+``AWS_ENDPOINT_URL`` (or ``AWS_ENDPOINT_URL_S3``), the region comes from ``AWS_REGION`` /
+``AWS_DEFAULT_REGION``. This module imports neither torch nor ray.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 
 def is_remote(path: str) -> bool:
@@ -33,7 +37,12 @@ def join(base: str, *parts: str) -> str:
 
 
 def endpoint_url() -> str | None:
+    """The S3 endpoint override, if any (``AWS_ENDPOINT_URL_S3`` wins over ``AWS_ENDPOINT_URL``)."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def region() -> str | None:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
 
 
 def pyarrow_fs(path: str) -> tuple[pafs.FileSystem, str]:
@@ -44,25 +53,42 @@ def pyarrow_fs(path: str) -> tuple[pafs.FileSystem, str]:
         if endpoint := endpoint_url():
             scheme, _, host = endpoint.partition("://")
             kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-        if region:
-            kwargs["region"] = region
+        if name := region():
+            kwargs["region"] = name
         return pafs.S3FileSystem(**kwargs), path[len("s3://"):]
     if is_remote(path):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), path
 
 
-def fsspec_fs(path: str):
-    """``(fsspec filesystem, path)``; s3 uses ``AWS_ENDPOINT_URL`` when set (see ``bagnet.imagenet.open_fs``)."""
-    from bagnet.imagenet import open_fs
-
-    return open_fs(resolve(path))
-
-
 def exists(path: str) -> bool:
     fs, inner = pyarrow_fs(path)
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def is_dir(path: str) -> bool:
+    """True for a local directory or an S3 prefix that holds objects."""
+    fs, inner = pyarrow_fs(path)
+    return fs.get_file_info(inner).type == pafs.FileType.Directory
+
+
+def _uri(path: str, inner: str) -> str:
+    """``inner`` (a path inside ``fs``) in the form of ``path``: ``s3://...`` for S3."""
+    return f"s3://{inner}" if resolve(path).startswith("s3://") else inner
+
+
+def list_dir(path: str) -> list[tuple[str, bool]]:
+    """``(name, is_dir)`` of the direct entries of the folder at ``path``, sorted by name."""
+    fs, inner = pyarrow_fs(path)
+    infos = fs.get_file_info(pafs.FileSelector(inner.rstrip("/"), recursive=False))
+    return sorted((i.base_name, i.type == pafs.FileType.Directory) for i in infos)
+
+
+def walk_files(path: str) -> list[str]:
+    """Every file below the folder at ``path`` (recursively), as full paths or ``s3://`` URIs."""
+    fs, inner = pyarrow_fs(path)
+    infos = fs.get_file_info(pafs.FileSelector(inner.rstrip("/"), recursive=True))
+    return sorted(_uri(path, i.path) for i in infos if i.type == pafs.FileType.File)
 
 
 def read_bytes(path: str) -> bytes:
@@ -77,14 +103,17 @@ def read_bytes(path: str) -> bytes:
 def write_bytes_atomic(path: str, data: bytes) -> None:
     """Write ``data`` so readers see the old file or the whole new one, never a partial one.
 
-    Local: a temp file in the same directory, then ``rename``. S3: a single PUT is atomic.
+    Local: a temp file in the same directory, then ``rename``. S3: a single PUT is atomic. The
+    temp file's name starts with a dot, so the dataset discovery of pyarrow, DuckDB and polars
+    never picks it up, and it is unique, so concurrent writers never share one.
     """
     fs, inner = pyarrow_fs(path)
     if isinstance(fs, pafs.LocalFileSystem):
         # Only locally: on S3, create_dir PUTs empty "dir/" marker objects, which s3fs lists
         # as files, so pandas/pyarrow reads of the folder through s3fs fail on them.
         fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
-        tmp = f"{inner}.tmp-{uuid.uuid4().hex[:8]}"
+        folder, _, name = inner.rpartition("/")
+        tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -107,18 +136,14 @@ def read_json(path: str) -> Any:
     return json.loads(read_bytes(path))
 
 
-def write_table_atomic(path: str, table) -> None:
+def write_table_atomic(path: str, table: pa.Table) -> None:
     """Write a pyarrow Table as one Parquet file, atomically."""
-    import pyarrow.parquet as pq
-
     buf = io.BytesIO()
     pq.write_table(table, buf)
     write_bytes_atomic(path, buf.getvalue())
 
 
-def read_table(path: str):
-    import pyarrow.parquet as pq
-
+def read_table(path: str) -> pa.Table:
     fs, inner = pyarrow_fs(path)
     return pq.read_table(inner, filesystem=fs)
 

@@ -1,6 +1,6 @@
 """Result tables on storage (local or ``s3://``): hive-partitioned parts, markers, run manifests.
 
-Layout (``shared/DESIGN.md``)::
+Layout (``docs/results.md``)::
 
     <output>/<run_id>/config.yaml                        resolved config of the latest invocation
     <output>/<run_id>/_SUCCESS                           run manifest (JSON), written last
@@ -8,7 +8,7 @@ Layout (``shared/DESIGN.md``)::
     <output>/<run_id>/<table>/<k1>=<v1>/<k2>=<v2>/_SUCCESS   part marker (JSON), written after its files
 
 A *part* (e.g. one experiment x model) is the unit of work. Each Parquet file is written
-atomically (:func:`cluster.storage.write_bytes_atomic`: temp file + rename locally, one PUT on
+atomically (:func:`store.storage.write_bytes_atomic`: temp file + rename locally, one PUT on
 S3); the part's marker is written after its last file, so a part without a marker is unfinished
 and is discarded before it is redone. Partition keys live only in the directory names, not in
 the files, so ``pandas.read_parquet(table_dir)`` and ``pyarrow.dataset.dataset(table_dir,
@@ -31,12 +31,12 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cluster import storage
+from store import storage
 
 MARKER = "_SUCCESS"
 CONFIG_FILE = "config.yaml"
 
-# The columns every experiment row carries (DESIGN.md), in table order. ``experiment`` and
+# The columns every experiment row carries, in table order. ``experiment`` and
 # ``model`` are partition keys: they are in the directory names, not in the files.
 COMMON_SCHEMA = pa.schema([
     ("run_id", pa.string()),
@@ -87,31 +87,51 @@ def part_dir(run_dir: str, table: str, partitions: Mapping[str, str]) -> str:
     return storage.join(run_dir, table, *parts)
 
 
-def rows_to_table(rows: list[dict[str, Any]], common: Mapping[str, Any],
-                  drop: Iterable[str] = PARTITION_KEYS) -> pa.Table:
-    """One experiment's result rows as an Arrow table: the common columns first (typed by
-    :data:`COMMON_SCHEMA`; values from each row, else from ``common``), then the row's own
-    columns in the order of the first row. Columns in ``drop`` (the partition keys) are left out."""
+class SchemaError(ValueError):
+    """Result rows that do not match their table's declared schema; names the column and experiment."""
+
+
+def table_schema(own: pa.Schema, drop: Iterable[str] = PARTITION_KEYS) -> pa.Schema:
+    """The full schema of a result table: the common columns (less ``drop``), then ``own``."""
     drop = set(drop)
-    n = len(rows)
-    own = [k for k in (rows[0] if rows else {}) if k not in COMMON_SCHEMA.names]
-    arrays, fields = [], []
-    for f in COMMON_SCHEMA:
-        if f.name in drop:
-            continue
-        if rows and f.name in rows[0]:
+    common = [f for f in COMMON_SCHEMA if f.name not in drop]
+    clash = [f.name for f in own if f.name in COMMON_SCHEMA.names]
+    if clash:
+        raise SchemaError(f"own schema redeclares common column(s) {clash}")
+    return pa.schema([*common, *own])
+
+
+def rows_to_table(rows: list[dict[str, Any]], common: Mapping[str, Any], own: pa.Schema, *,
+                  experiment: str, drop: Iterable[str] = PARTITION_KEYS) -> pa.Table:
+    """Experiment ``experiment``'s result rows as an Arrow table of :func:`table_schema`: each
+    common column from the rows, else from ``common``; each ``own`` column from the rows. A
+    missing or extra column, or a value of the wrong type, raises :class:`SchemaError` naming
+    the column and the experiment."""
+    schema = table_schema(own, drop)
+    given = set(rows[0]) if rows else set()
+    for i, row in enumerate(rows):
+        if set(row) != given:
+            odd = sorted(set(row) ^ given)[0]
+            raise SchemaError(f"experiment {experiment!r}: row {i} differs from row 0 in column {odd!r}")
+    extra = sorted(given - set(schema.names) - set(drop))
+    if extra:
+        raise SchemaError(f"experiment {experiment!r}: column {extra[0]!r} is not in its SCHEMA "
+                          f"(declared: {', '.join(own.names)})")
+    arrays = []
+    for f in schema:
+        if f.name in given:
             values = [r[f.name] for r in rows]
-        elif f.name in common:
-            values = [common[f.name]] * n
+        elif f.name in common and f.name in COMMON_SCHEMA.names:
+            values = [common[f.name]] * len(rows)
         else:
-            raise KeyError(f"result rows lack column {f.name!r} and no common value was given")
-        arrays.append(pa.array(values, type=f.type))
-        fields.append(f)
-    own_table = pa.Table.from_pylist([{k: r[k] for k in own} for r in rows]) if own else None
-    for name in own:
-        arrays.append(own_table.column(name))
-        fields.append(own_table.schema.field(name))
-    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+            raise SchemaError(f"experiment {experiment!r}: rows lack column {f.name!r} ({f.type})")
+        try:
+            arrays.append(pa.array(values, type=f.type, from_pandas=True))
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as err:
+            sample = next((v for v in values if v is not None), None)
+            raise SchemaError(f"experiment {experiment!r}: column {f.name!r} must be {f.type}, "
+                              f"got {type(sample).__name__} {sample!r:.60}: {err}") from None
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def table_to_ipc(table: pa.Table) -> bytes:
@@ -150,7 +170,7 @@ class PartWriter:
     def flush(self) -> None:
         if not self._buffer:
             return
-        table = pa.concat_tables(self._buffer, promote_options="permissive")
+        table = pa.concat_tables(self._buffer)
         name = f"part-{len(self.files):05d}.parquet"
         buf = io.BytesIO()
         pq.write_table(table, buf)
@@ -165,6 +185,34 @@ class PartWriter:
         marker = {"rows": self.rows, "files": list(self.files), "committed_at": now_iso(), **(info or {})}
         storage.write_json_atomic(storage.join(self.path, MARKER), marker)
         return marker
+
+
+def first_difference(old: Any, new: Any, key: str = "") -> str | None:
+    """The first dotted key (sorted) whose value differs between two nested mappings, as
+    ``"key: OLD before, NEW now"``; None when they are equal."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        for k in sorted(set(old) | set(new), key=str):
+            diff = first_difference(old.get(k), new.get(k), f"{key}.{k}" if key else str(k))
+            if diff:
+                return diff
+        return None
+    return None if old == new else f"{key}: {old!r} before, {new!r} now"
+
+
+class RerunMismatch(ValueError):
+    """A rerun whose settings differ from what its output folder already holds."""
+
+
+def check_fingerprint(saved: Mapping[str, Any] | None, new: Mapping[str, Any], *, where: str, rename: str) -> None:
+    """The one rerun-compatibility rule of train, tune and experiment runs: the fingerprint
+    ``saved`` with the results at ``where`` must equal ``new``; else :class:`RerunMismatch`
+    naming the first differing key and the setting (``rename``) that starts a new run."""
+    if saved is None:
+        return
+    diff = first_difference(saved, new)
+    if diff:
+        raise RerunMismatch(f"{where} already holds results computed with other settings ({diff}); "
+                            f"set {rename} to start a new run")
 
 
 def read_marker(path: str) -> dict[str, Any] | None:
@@ -223,6 +271,6 @@ def utc_now() -> dt.datetime:
 
 __all__ = [
     "MARKER", "CONFIG_FILE", "COMMON_SCHEMA", "PARTITION_KEYS", "code_version", "part_dir",
-    "rows_to_table", "PartWriter", "read_marker", "discard", "completed_parts", "write_manifest",
-    "rows_per_table", "now_iso", "utc_now",
+    "SchemaError", "table_schema", "rows_to_table", "PartWriter", "read_marker", "discard", "completed_parts", "write_manifest",
+    "rows_per_table", "now_iso", "utc_now", "first_difference", "RerunMismatch", "check_fingerprint",
 ]
