@@ -1,8 +1,8 @@
-"""The report's figures (matplotlib, Agg backend), returned as small PNG bytes."""
+"""The report's charts (matplotlib, Agg backend), returned as small PNG bytes; the heatmap
+pictures are :mod:`bagnet.plots`'."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 
 import matplotlib
@@ -13,22 +13,16 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from bagnet.plots import figure_png  # noqa: E402
+
 DPI = 80
 LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
-def to_png(fig, colors: int = 256) -> bytes:
-    """Render and close ``fig``; stored as a ``colors``-entry palette PNG (small files)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
-    plt.close(fig)
-    buf.seek(0)
-    out = io.BytesIO()
-    Image.open(buf).convert("RGB").quantize(colors, method=Image.Quantize.FASTOCTREE).save(out, format="PNG", optimize=True)
-    return out.getvalue()
+def _chart_png(fig) -> bytes:
+    """A report chart as PNG bytes (:func:`bagnet.plots.figure_png` at the report's resolution)."""
+    return figure_png(fig, dpi=DPI, tight=True)
 
 
 def model_colors(models: Sequence[str]) -> dict[str, tuple]:
@@ -69,7 +63,7 @@ def accuracy_figure(acc: pd.DataFrame, models: Sequence[str]) -> bytes:
             handles.append(plt.Line2D([], [], marker="o", color=colors[m], ls="")), labels.append(m)
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     fig.tight_layout()
-    return to_png(fig)
+    return _chart_png(fig)
 
 
 def curves_figure(curves: pd.DataFrame, models: Sequence[str]) -> bytes:
@@ -82,7 +76,7 @@ def curves_figure(curves: pd.DataFrame, models: Sequence[str]) -> bytes:
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-    return to_png(fig)
+    return _chart_png(fig)
 
 
 def lines_figure(df: pd.DataFrame, x: str, panels: Sequence[tuple[str, str]], models: Sequence[str], *,
@@ -115,7 +109,7 @@ def lines_figure(df: pd.DataFrame, x: str, panels: Sequence[tuple[str, str]], mo
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    return to_png(fig)
+    return _chart_png(fig)
 
 
 def matrices_figure(matrices: Sequence[tuple[str, pd.DataFrame]], vmin: float = -1.0, vmax: float = 1.0) -> bytes:
@@ -133,33 +127,4 @@ def matrices_figure(matrices: Sequence[tuple[str, pd.DataFrame]], vmin: float = 
         ax.set_title(title, fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    return to_png(fig)
-
-
-def gallery_figure(columns: Sequence[str], images: Sequence[np.ndarray] | None,
-                   rows: Sequence[tuple[str, Sequence[tuple[np.ndarray, int, float] | None]]]) -> bytes:
-    """A grid: a first row of images (when available), then one row of heatmaps per model, each
-    cell ``(heat, stride, origin)`` drawn by :func:`bagnet.plots.draw_heatmap` (red = evidence
-    for the target class, blue = against; the image's edges on top)."""
-    from bagnet.plots import draw_heatmap
-
-    top = 1 if images is not None else 0
-    fig, axes = plt.subplots(len(rows) + top, len(columns), figsize=(1.25 * len(columns) + 0.6, 1.25 * (len(rows) + top)),
-                             squeeze=False)
-    for c, name in enumerate(columns):
-        axes[0][c].set_title(name, fontsize=7)
-        if images is not None:
-            axes[0][c].imshow(images[c], interpolation="nearest")
-            axes[0][c].set_xticks([]), axes[0][c].set_yticks([])
-    if images is not None:
-        axes[0][0].set_ylabel("image", fontsize=7)
-    for r, (name, cells) in enumerate(rows, start=top):
-        for c, cell in enumerate(cells):
-            if cell is None:
-                axes[r][c].axis("off")
-                continue
-            heat, stride, origin = cell
-            draw_heatmap(axes[r][c], heat, images[c] if images is not None else None, stride=stride, origin=origin)
-        axes[r][0].set_ylabel(name, fontsize=7)
-    fig.tight_layout(pad=0.3)
-    return to_png(fig)
+    return _chart_png(fig)

@@ -67,10 +67,12 @@ def cells(df: pd.DataFrame) -> tuple[list[str], list[list[str]]]:
 
 
 CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:2em}
 table{border-collapse:collapse;margin:.6em 0 1.2em;font-size:.85em}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f3f3f3}td.n{text-align:right}caption{caption-side:top;text-align:left;font-weight:600;padding:.3em 0}
+th,td{border:1px solid #ccc;padding:.25em .6em;text-align:left}th{background:#f3f3f3}td.n{text-align:right}
+caption{caption-side:top;text-align:left;font-weight:600;padding:.3em 0}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.85em;color:#555}
 .missing{background:#fff4e5;border-left:4px solid #f0a020;padding:.4em .8em}
 .source{font-size:.85em;color:#666}pre{background:#f7f7f7;padding:.6em;overflow:auto;font-size:.8em}
@@ -91,7 +93,8 @@ def render_html(title: str, intro: list[str], sections: list[Section]) -> str:
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            f"<title>{e(title)}</title>", f"<style>{CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
     out += [f"<p>{e(p)}</p>" for p in intro]
-    out.append("<nav><ul>" + "".join(f'<li><a href="#{s.anchor}">{e(s.title)}</a></li>' for s in sections) + "</ul></nav>")
+    links = "".join(f'<li><a href="#{s.anchor}">{e(s.title)}</a></li>' for s in sections)
+    out.append(f"<nav><ul>{links}</ul></nav>")
     for s in sections:
         out.append(f'<section id="{s.anchor}"><h2>{e(s.title)}</h2>')
         if s.source:
@@ -136,7 +139,8 @@ def render_markdown(title: str, intro: list[str], sections: list[Section]) -> st
                         "|" + "|".join("---" for _ in head) + "|",
                         *("| " + " | ".join(map(_md_cell, r)) + " |" for r in rows), ""]
             elif isinstance(b, Details):
-                out += [f"<details><summary>{b.summary}</summary>", "", "```", b.text.rstrip(), "```", "", "</details>", ""]
+                out += [f"<details><summary>{b.summary}</summary>", "", "```", b.text.rstrip(), "```", "",
+                        "</details>", ""]
             else:
                 out += [b, ""]
     return "\n".join(out).rstrip() + "\n"

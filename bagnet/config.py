@@ -163,6 +163,11 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(obj))
 
 
+def updated(obj: T, changes: dict[str, Any]) -> T:
+    """A validated copy of config ``obj`` with ``changes`` (a nested mapping) merged in."""
+    return from_dict(type(obj), merge(to_dict(obj), changes))
+
+
 def dump_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False)
 
@@ -175,5 +180,5 @@ def require(condition: bool, key: str, message: str) -> None:
 
 __all__ = [
     "ConfigError", "load_config", "from_dict", "parse_overrides", "merge", "read_yaml",
-    "to_dict", "dump_yaml", "require",
+    "to_dict", "updated", "dump_yaml", "require",
 ]

@@ -33,6 +33,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from bagnet.config import require
+
 __all__ = [
     "Precision",
     "PRECISIONS",
@@ -282,8 +284,6 @@ class FastConfig:
     precision: Precision = "fp32"
 
     def validate(self) -> None:
-        from bagnet.config import require
-
         require(self.precision in PRECISIONS, "precision", f"must be one of {PRECISIONS}, got {self.precision!r}")
 
     def label(self) -> str:

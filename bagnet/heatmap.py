@@ -25,7 +25,6 @@ are cut into tiles (each with its ``q - 1`` pixel halo), small ones are batched 
 
 from __future__ import annotations
 
-import argparse
 import math
 from collections.abc import Sequence
 from typing import Literal

@@ -200,7 +200,7 @@ def to_model_input(images: np.ndarray | torch.Tensor,
                    device: torch.device | str | None = None) -> torch.Tensor:
     """uint8 NHWC (numpy or torch) -> float32 NCHW normalised with ``MEAN``/``STD`` (0-1 scale).
     With ``device`` the uint8 batch is moved first (4x less traffic), then converted."""
-    import torch
+    import torch  # only here: decoding and transforms run in CPU tasks that need no torch
 
     x = torch.as_tensor(images)
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:

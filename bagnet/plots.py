@@ -16,17 +16,32 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import matplotlib
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+
+from bagnet.heatmap import check_bagnet, coarse_heatmap, heatmap
+from bagnet.imagenet import to_model_input
+from bagnet.models import create_model
+from bagnet.synthetic import SyntheticWorld
+from store import storage
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 __all__ = [
     "edge_map",
     "symmetric_limit",
     "draw_heatmap",
+    "figure_png",
+    "Heat",
+    "heatmap_grid_png",
     "gallery_png",
     "save_gallery",
     "TopPatch",
+    "crop_patch",
     "top_patches",
     "top_patches_png",
     "save_top_patches",
@@ -35,15 +50,6 @@ __all__ = [
 
 CMAP = "RdBu_r"
 DEFAULT_WEIGHTS = "results/train/synthetic/model.pt"
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _numpy(a) -> np.ndarray:
@@ -111,15 +117,15 @@ def draw_heatmap(ax, heat, image: np.ndarray | None = None, *, stride: int = 1,
     return art
 
 
-def _figure_png(fig, colors: int | None = 256) -> bytes:
-    """Render ``fig`` to PNG bytes; with ``colors``, as an adaptive palette (small files)."""
+def figure_png(fig, *, colors: int | None = 256, dpi: float | None = None, tight: bool = False) -> bytes:
+    """Render and close ``fig`` as PNG bytes (at ``dpi``, default the figure's; ``tight``: cropped
+    to the drawn area); with ``colors``, as an adaptive palette (small files). The one PNG encoder
+    of the project's pictures and the report's charts."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=fig.dpi)
-    _pyplot().close(fig)
+    fig.savefig(buf, format="png", dpi=dpi or fig.dpi, bbox_inches="tight" if tight else None)
+    plt.close(fig)
     if colors is None:
         return buf.getvalue()
-    from PIL import Image
-
     buf.seek(0)
     out = io.BytesIO()
     image = Image.open(buf).convert("RGB").quantize(colors, method=Image.Quantize.FASTOCTREE)
@@ -128,10 +134,52 @@ def _figure_png(fig, colors: int | None = 256) -> bytes:
 
 
 def _write(path: str, data: bytes) -> None:
-    from store import storage
-
     storage.write_bytes_atomic(path, data)
     print(f"wrote {path} ({len(data) / 1024:.0f} KiB)", flush=True)
+
+
+@dataclass(frozen=True)
+class Heat:
+    """One heatmap and where its entries sit: entry ``(i, j)`` is centred on image pixel
+    ``(origin + stride*i, origin + stride*j)`` (see :func:`draw_heatmap`)."""
+
+    values: np.ndarray
+    stride: int = 1
+    origin: float = 0.0
+
+
+def heatmap_grid_png(images: Sequence[np.ndarray] | None, rows: Sequence[Sequence[Heat | None]],
+                     titles: Sequence[str] | None = None, *, row_labels: Sequence[str] | None = None,
+                     percentile: float = 99.0, suptitle: str | None = None, cell: float = 1.6,
+                     dpi: int = 100) -> bytes:
+    """PNG of a grid with one column per image: the images on top (when given, ``H x W x 3``
+    uint8), then one row of heatmaps per entry of ``rows`` (a None cell is left empty). Each row
+    may place its maps differently (coarse or full resolution)."""
+    columns = len(images) if images is not None else max((len(r) for r in rows), default=0)
+    top = 1 if images is not None else 0
+    head = 0.45 if suptitle else 0.0
+    fig, axes = plt.subplots(len(rows) + top, columns, dpi=dpi, squeeze=False,
+                             figsize=(cell * columns + 0.3, cell * (len(rows) + top) + 0.3 + head))
+    for j in range(columns):
+        if images is not None:
+            axes[0, j].imshow(images[j], interpolation="nearest")
+            axes[0, j].set_xticks([])
+            axes[0, j].set_yticks([])
+        if titles is not None:
+            axes[0, j].set_title(titles[j], fontsize=7)
+    for r, cells in enumerate(rows, start=top):
+        for j, heat in enumerate(cells):
+            if heat is None:
+                axes[r, j].axis("off")
+                continue
+            draw_heatmap(axes[r, j], heat.values, images[j] if images is not None else None,
+                         stride=heat.stride, origin=heat.origin, percentile=percentile)
+        if row_labels is not None:
+            axes[r, 0].set_ylabel(row_labels[r - top], fontsize=7)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=8)
+    fig.tight_layout(pad=0.3, h_pad=0.4, w_pad=0.2)
+    return figure_png(fig)
 
 
 def gallery_png(images: np.ndarray, heatmaps, titles: Sequence[str] | None = None, *,
@@ -143,7 +191,6 @@ def gallery_png(images: np.ndarray, heatmaps, titles: Sequence[str] | None = Non
     ``images``: uint8 ``N x H x W x 3``; ``heatmaps``: ``(N, H, W)`` or ``(N, T, h, w)`` (arrays or
     tensors); ``stride``/``origin`` place coarse maps (see :func:`draw_heatmap`).
     """
-    plt = _pyplot()
     images = _numpy(images)
     maps = _numpy(heatmaps)
     if maps.ndim == 3:
@@ -151,25 +198,9 @@ def gallery_png(images: np.ndarray, heatmaps, titles: Sequence[str] | None = Non
     if images.ndim != 4 or maps.ndim != 4 or len(images) != len(maps):
         raise ValueError(f"images {images.shape} and heatmaps {maps.shape} do not match: expected "
                          "N x H x W x 3 and (N, H, W) or (N, T, h, w)")
-    n, t = maps.shape[:2]
-    top = 0.45 if suptitle else 0.0
-    fig, axes = plt.subplots(t + 1, n, figsize=(cell * n + 0.3, cell * (t + 1) + 0.3 + top),
-                             dpi=dpi, squeeze=False)
-    for j in range(n):
-        axes[0, j].imshow(images[j], interpolation="nearest")
-        axes[0, j].set_xticks([])
-        axes[0, j].set_yticks([])
-        if titles is not None:
-            axes[0, j].set_title(titles[j], fontsize=7)
-        for k in range(t):
-            draw_heatmap(axes[k + 1, j], maps[j, k], images[j], stride=stride, origin=origin,
-                         percentile=percentile)
-            if row_labels is not None and j == 0:
-                axes[k + 1, j].set_ylabel(row_labels[k], fontsize=7)
-    if suptitle:
-        fig.suptitle(suptitle, fontsize=8)
-    fig.tight_layout(pad=0.3, h_pad=0.4, w_pad=0.2)
-    return _figure_png(fig)
+    rows = [[Heat(maps[j, k], stride, origin) for j in range(len(maps))] for k in range(maps.shape[1])]
+    return heatmap_grid_png(list(images), rows, titles, row_labels=row_labels, percentile=percentile,
+                            suptitle=suptitle, cell=cell, dpi=dpi)
 
 
 def save_gallery(images: np.ndarray, heatmaps, path: str, titles: Sequence[str] | None = None,
@@ -192,7 +223,9 @@ class TopPatch:
     pixels: np.ndarray  # q x q x 3 uint8 (zeros outside the image)
 
 
-def _crop(image: np.ndarray, top: int, left: int, q: int) -> np.ndarray:
+def crop_patch(image: np.ndarray, top: int, left: int, q: int) -> np.ndarray:
+    """The ``q x q`` patch of ``image`` (``H x W x 3`` uint8) with top-left pixel ``(top, left)``;
+    zeros where it extends beyond the image (aligned BagNets, border patches)."""
     h, w = image.shape[:2]
     out = np.zeros((q, q, 3), np.uint8)
     y0, x0 = max(top, 0), max(left, 0)
@@ -210,9 +243,6 @@ def top_patches(model: nn.Module, batches: Iterable[np.ndarray] | np.ndarray, *,
     ``batches``: uint8 ``N x H x W x 3`` arrays (an iterable of them, or one array); the patches
     are the model's own (coarse map, stride ``model.stride``). Sorted by value, best first.
     """
-    from bagnet.imagenet import to_model_input
-    from bagnet.heatmap import check_bagnet, coarse_heatmap
-
     bag = check_bagnet(model, full_resolution=False)
     if isinstance(batches, np.ndarray):
         batches = [batches]
@@ -231,7 +261,7 @@ def top_patches(model: nn.Module, batches: Iterable[np.ndarray] | np.ndarray, *,
             for v, f in zip(values[ci].tolist(), idx[ci].tolist()):
                 b, i, j = f // (gh * gw), (f // gw) % gh, f % gw
                 top, left, _, _ = bag.patch_box(i, j)
-                best[c].append(TopPatch(c, v, seen + b, top, left, _crop(batch[b], top, left, bag.q)))
+                best[c].append(TopPatch(c, v, seen + b, top, left, crop_patch(batch[b], top, left, bag.q)))
             best[c] = sorted(best[c], key=lambda p: -p.value)[:k]
         seen += n
     return best
@@ -240,7 +270,6 @@ def top_patches(model: nn.Module, batches: Iterable[np.ndarray] | np.ndarray, *,
 def top_patches_png(result: dict[int, list[TopPatch]], class_names: Sequence[str] | None = None,
                     *, upscale: int = 2, title: str | None = None, dpi: int = 100) -> bytes:
     """PNG grid: one row per class, its best patches left to right with their logits."""
-    plt = _pyplot()
     classes = list(result)
     k = max((len(v) for v in result.values()), default=0)
     if not classes or k == 0:
@@ -266,7 +295,7 @@ def top_patches_png(result: dict[int, list[TopPatch]], class_names: Sequence[str
     fig.suptitle(title or f"top {k} patches per class (q={q}; number = class logit)", fontsize=8)
     fig.subplots_adjust(left=label_w / fig.get_figwidth(), right=0.99, bottom=0.01, top=0.93,
                         wspace=0.08, hspace=0.35)
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def save_top_patches(result: dict[int, list[TopPatch]], path: str,
@@ -302,11 +331,6 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from bagnet.imagenet import to_model_input
-    from bagnet.synthetic import SyntheticWorld
-    from bagnet.heatmap import heatmap
-    from bagnet.models import create_model
-
     a = _parse(argv)
     torch.manual_seed(a.seed)  # a random-init model is reproducible too
     world = SyntheticWorld(seed=a.seed, image_size=a.image_size)

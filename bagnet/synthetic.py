@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from store import storage
 
@@ -162,6 +163,13 @@ class SyntheticWorld:
     def image_id(self, index: int, split: str = "train") -> str:
         return f"synthetic/{split}/{index:06d}"
 
+    def parse_image_id(self, image_id: str) -> tuple[str, int]:
+        """``(split, index)`` of an id made by :meth:`image_id`; ValueError naming it otherwise."""
+        parts = str(image_id).split("/")
+        if len(parts) == 3 and parts[1] in SPLITS and parts[2].isdigit() and image_id == self.image_id(int(parts[2]), parts[1]):
+            return parts[1], int(parts[2])
+        raise ValueError(f"{image_id!r} is not a synthetic image id (synthetic/<split>/<index>)")
+
     def sample(self, index: int, split: str = "train") -> Sample:
         image = np.empty((self.image_size, self.image_size, 3), np.uint8)
         meta = self._render(int(index), split, image)
@@ -250,8 +258,6 @@ def materialize(world: SyntheticWorld, root: str, split: str = "train", n: int =
     ``root/<split>/<class_name>/<index>.<ext>`` (ImageNet folder layout; ``root`` local or
     ``s3://``). PNG is lossless; JPEG is not.
     Returns the split folder."""
-    from PIL import Image
-
     split_dir = storage.join(root, split)
     fmt = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG"}[ext.lower()]
     for s in range(start, start + n, batch_size):
@@ -268,10 +274,10 @@ def save_grid(world: SyntheticWorld, path: str, per_class: int = 6, split: str =
               upscale: int = 3) -> None:
     """PNG grid of samples: one row per class, ``per_class`` columns, each image pixel drawn as
     ``upscale`` x ``upscale`` screen pixels (nearest neighbour, no resampling)."""
-    import matplotlib
+    import matplotlib  # optional picture dependency, loaded only to draw
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after choosing the Agg backend
 
     k, cell, gap, left, top = world.num_classes, world.image_size * upscale, 6, 170, 36
     mosaic = np.full((k * (cell + gap), per_class * (cell + gap), 3), 255, np.uint8)
@@ -302,8 +308,6 @@ def save_grid(world: SyntheticWorld, path: str, per_class: int = 6, split: str =
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    from PIL import Image
-
     # a 128-colour palette keeps the noise backgrounds faithful at a third of the file size
     Image.open(buf).convert("RGB").quantize(colors=128).save(path, optimize=True)
 

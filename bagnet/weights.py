@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
+import torchvision
 from torch import Tensor, nn
 
 from store import storage
@@ -52,8 +53,6 @@ def cache_path(url: str) -> Path:
 
 def _torchvision_url(weights: str, name: str | None) -> str | None:
     """URL of a torchvision weights name (``"ResNet50_Weights.IMAGENET1K_V2"``, ``"DEFAULT"``)."""
-    import torchvision
-
     if "." in weights and weights.split(".", 1)[0].endswith("_Weights"):
         try:
             return torchvision.models.get_weight(weights).url

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from store import storage
+
 __all__ = ["Measurement", "measure", "time_call", "PeakMemory", "machine_info", "Table"]
 
 
@@ -215,7 +217,5 @@ class Table:
 
     def write_csv(self, path: str) -> None:
         """Write atomically (local or ``s3://``) through :mod:`store.storage`."""
-        from store import storage
-
         storage.write_text_atomic(path, self.csv_text())
         print(f"wrote {path}", flush=True)

@@ -1,7 +1,7 @@
 """Training input pipeline images/s against what the model consumes in training.
 
-Sources, each timed in this process (one core) and through Ray Data (``jobs.datasets
-.build_datasets``, iterated with ``ds.iter_batches`` as a Train worker would), steady state: the
+Sources, each timed in this process (one core) and through Ray Data (``cluster.images
+.train_datasets``, iterated with ``ds.iter_batches`` as a Train worker would), steady state: the
 clock starts at the first batch, so Ray's worker start-up is reported apart (``startup_s``):
 - ``synthetic``: ``SyntheticWorld.batch`` at ``--synthetic-size`` (64) px;
 - ``jpeg``: a temporary ImageNet-layout folder of JPEGs written with ``bagnet.synthetic.materialize``
@@ -27,6 +27,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 from bagnet import imagenet, synthetic
 from bench.harness import Table, machine_info
 from bench.throughput import train_images_per_s, write_csv
+from cluster.configs import DataConfig
+from cluster.images import train_datasets
+from cluster.ray_env import init_ray
 
 COLUMNS = ["source", "size", "where", "images", "seconds", "startup_s", "images_per_s",
            "consumer", "consumer_batch", "train_images_per_s", "ratio"]
@@ -126,17 +129,14 @@ def main(argv: Sequence[str] | None = None) -> Table:
         add("jpeg", a.jpeg_size, "process", *jpeg_in_process(root, a.jpeg_size, a.jpeg_images))
         write_csv(table, a.out)  # the in-process rows survive a Ray failure
         if not a.no_ray:
-            from cluster.ray_env import init_ray
-            from jobs.datasets import DataConfig, build_datasets
-
             resources = init_ray(num_cpus=a.num_cpus)
             where = f"ray_data_{int(resources.get('CPU', 0))}cpu"
             count = lambda b: len(b["label"])  # noqa: E731
-            syn = build_datasets(DataConfig(dataset="synthetic", image_size=a.synthetic_size,
+            syn = train_datasets(DataConfig(dataset="synthetic", image_size=a.synthetic_size,
                                             train_size=a.synthetic_images, val_size=16))
             n, secs, startup = time_batches(syn.train.iter_batches(batch_size=a.batch, batch_format="numpy"), count)
             add("synthetic", a.synthetic_size, where, n, secs, startup)
-            jpg = build_datasets(DataConfig(dataset="imagenet", root=root, image_size=a.jpeg_size))
+            jpg = train_datasets(DataConfig(dataset="imagenet", root=root, image_size=a.jpeg_size))
             n, secs, startup = time_batches(jpg.train.iter_batches(batch_size=a.batch, batch_format="numpy"), count)
             add("jpeg", a.jpeg_size, where, n, secs, startup)
     write_csv(table, a.out)

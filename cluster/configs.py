@@ -50,8 +50,12 @@ class ModelConfig:
         except ValueError as err:
             raise_key = f"options.{err.args[1]}" if len(err.args) > 1 else "options"
             require(False, raise_key, str(err.args[0]))
+
+    def check_weights(self, key: str) -> None:
+        """ConfigError naming ``key`` when the weights name a local file that does not exist (checked
+        when a job starts, not when the config loads: a reproduce run trains them first)."""
         if self.weights and not storage.is_remote(self.weights) and looks_like_path(self.weights):
-            require(Path(self.weights).expanduser().is_file(), "weights",
+            require(Path(self.weights).expanduser().is_file(), key,
                     f"file not found: {self.weights} (train it with `python jobs/train.py "
                     f"model.name={self.name} run.name={self.name}`, or set weights: null for a random init)")
 

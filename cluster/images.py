@@ -4,8 +4,8 @@
 Two sources: the synthetic world (generated from ``(seed, split, index)``) and an ImageNet-layout
 folder (``root/<split>/<wnid>/*``, local or ``s3://``). ``data.limit`` means the same everywhere:
 at most that many images of a split, picked evenly over its class-sorted list, so every class
-keeps its share. Training images of ImageNet get the random training transform; every other
-split the centre crop of :func:`bagnet.imagenet.eval_transform`.
+keeps its share. ImageNet images that training learns from get the random training transform;
+every other read the centre crop of :func:`bagnet.imagenet.eval_transform`.
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ def _synthetic_images(batch: dict[str, np.ndarray], *, seed: int, image_size: in
     return {"image": out["image"], "label": out["label"], "image_id": out["image_id"]}
 
 
-def _imagenet_images(batch: dict[str, np.ndarray], *, size: int, resize: int, train: bool) -> dict:
+def _imagenet_images(batch: dict[str, np.ndarray], *, size: int, resize: int, augment: bool) -> dict:
     """Read, decode and transform; unreadable images are logged with their path and dropped."""
-    transform = train_transform(size) if train else eval_transform(size, resize)
+    transform = train_transform(size) if augment else eval_transform(size, resize)
     images, labels, ids = [], [], []
     for path, label, image_id in zip(batch["path"], batch["label"], batch["image_id"]):
         try:
@@ -83,16 +83,18 @@ def _imagenet_images(batch: dict[str, np.ndarray], *, size: int, resize: int, tr
             "label": np.asarray(labels, np.int64), "image_id": np.asarray(ids, dtype=str)}
 
 
-def image_dataset(cfg: DataConfig, source: ImageSource, *, runtime_env: dict | None = None) -> ray.data.Dataset:
-    """Lazy Ray Dataset of ``source``'s images: ``image``, ``label``, ``image_id``."""
+def image_dataset(cfg: DataConfig, source: ImageSource, *, augment: bool = False,
+                  runtime_env: dict | None = None) -> ray.data.Dataset:
+    """Lazy Ray Dataset of ``source``'s images: ``image``, ``label``, ``image_id``. ImageNet images
+    get the random training transform with ``augment``, else the evaluation centre crop."""
     options = {"batch_size": cfg.read_batch_size, "num_cpus": cfg.num_cpus, "runtime_env": runtime_env}
     if cfg.dataset == "synthetic":
         return ray.data.range(source.num_images).map_batches(
             _synthetic_images, fn_kwargs={"seed": cfg.seed, "image_size": cfg.image_size, "split": source.split},
             **options)
     return ray.data.from_items(source.items).map_batches(
-        _imagenet_images, fn_kwargs={"size": cfg.image_size, "resize": cfg.eval_resize,
-                                     "train": source.split == "train"}, **options)
+        _imagenet_images, fn_kwargs={"size": cfg.image_size, "resize": cfg.eval_resize, "augment": augment},
+        **options)
 
 
 @dataclass
@@ -118,5 +120,6 @@ def train_datasets(cfg: DataConfig) -> TrainData:
     tensor columns Ray Train iterates) for Ray Train."""
     train, val = describe(cfg, "train"), describe(cfg, "val")
     columns = ["image", "label"]
-    return TrainData(image_dataset(cfg, train).select_columns(columns), image_dataset(cfg, val).select_columns(columns),
+    return TrainData(image_dataset(cfg, train, augment=True).select_columns(columns),
+                     image_dataset(cfg, val).select_columns(columns),
                      train.num_classes, train.class_names, train.num_images)

@@ -25,6 +25,8 @@ import uuid
 from collections.abc import Mapping
 from pathlib import Path
 
+import yaml
+
 if __package__ in (None, ""):  # `python cluster/runtime_env.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -150,8 +152,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     env = job_runtime_env(args.working_dir, include_credentials=args.with_credentials, pip=args.pip)
     if args.format == "yaml":
-        import yaml
-
         print(yaml.safe_dump(env, sort_keys=False), end="")
     else:
         print(json.dumps(env))

@@ -6,7 +6,9 @@
 
 Each stage skips what a previous run already finished: training runs that are complete are not
 retrained (an interrupted one resumes from its checkpoint), finished experiment parts are not
-recomputed, and the report is rebuilt from whatever is complete.
+recomputed, and the report is rebuilt from whatever is complete. Every stage's config is built
+and validated before the first one starts; the experiments evaluate the models the train stage
+wrote (their ``model.pt``), whatever weights the experiment config names for them.
 """
 
 from __future__ import annotations
@@ -14,77 +16,58 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python jobs/reproduce.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bagnet.config import ConfigError, load_config, require
+from analysis.report import build_report
+from bagnet.config import ConfigError, load_config, to_dict, updated
+from cluster.configs import CONFIG_DIR, ExperimentJobConfig, ReproduceConfig, TrainJobConfig, config_path
+from jobs import experiment, train
 from store import storage
+from store.results import MODEL_FILE
 
-ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = ROOT / "configs" / "reproduce-synthetic.yaml"
-
-
-@dataclass
-class TrainStage:
-    config: str = "configs/synthetic.yaml"
-    models: list[str] = field(default_factory=list)  # one jobs/train.py run per model, named after it
-    storage_path: str = "results/train"
-    overrides: list[str] = field(default_factory=list)  # applied to every training run
+DEFAULT_CONFIG = CONFIG_DIR / "reproduce-synthetic.yaml"
 
 
-@dataclass
-class ExperimentStage:
-    config: str = "configs/experiments-synthetic.yaml"
-    names: str = "all"  # comma-separated experiment names, or "all"
-    overrides: list[str] = field(default_factory=list)
+def train_configs(cfg: ReproduceConfig) -> dict[str, TrainJobConfig]:
+    """One training config per model of the train stage, named after the model."""
+    base = load_config(TrainJobConfig, config_path(cfg.train.config), cfg.train.overrides)
+    return {model: updated(base, {"model": {"name": model},
+                                  "run": {"name": model, "storage_path": cfg.train.storage_path}})
+            for model in cfg.train.models}
 
 
-@dataclass
-class ReportStage:
-    out: str = "results/report"
-
-
-@dataclass
-class ReproduceConfig:
-    train: TrainStage = field(default_factory=TrainStage)
-    experiments: ExperimentStage = field(default_factory=ExperimentStage)
-    report: ReportStage = field(default_factory=ReportStage)
-
-    def validate(self) -> None:
-        for key, path in (("train.config", self.train.config), ("experiments.config", self.experiments.config)):
-            require((ROOT / path).is_file() or Path(path).is_file(), key, f"config file not found: {path}")
-
-
-def _config_path(path: str) -> str:
-    return str(ROOT / path) if (ROOT / path).is_file() else path
+def experiment_config(cfg: ReproduceConfig) -> ExperimentJobConfig:
+    """The experiment config, its trained models' weights pointing at the train stage's exports."""
+    exp = load_config(ExperimentJobConfig, config_path(cfg.experiments.config), cfg.experiments.overrides)
+    trained = {m: storage.join(storage.resolve(cfg.train.storage_path), m, MODEL_FILE) for m in cfg.train.models}
+    models = [{**to_dict(m), "weights": trained.get(m.name, m.weights)} for m in exp.models]
+    return updated(exp, {"models": models})
 
 
 def run_stages(cfg: ReproduceConfig) -> dict:
     """Train, run the experiments, build the report; each stage resumes what it finished before."""
-    from analysis.report import build_report
-    from jobs import experiment, train
-
+    try:
+        runs, exp = train_configs(cfg), experiment_config(cfg)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    for i, model in enumerate(cfg.train.models, 1):
-        print(f"[reproduce] training {i}/{len(cfg.train.models)}: {model}", flush=True)
-        train.main(["--config", _config_path(cfg.train.config), f"model.name={model}", f"run.name={model}",
-                    f"run.storage_path={cfg.train.storage_path}", *cfg.train.overrides])
+    for i, (name, run_cfg) in enumerate(runs.items(), 1):
+        print(f"[reproduce] training {i}/{len(runs)}: {name}", flush=True)
+        train.train(run_cfg, name)
     timings["train_s"] = time.perf_counter() - start
 
     mark = time.perf_counter()
     print(f"[reproduce] experiments: {cfg.experiments.names}", flush=True)
-    run = experiment.main(["--experiment", cfg.experiments.names, "--config", _config_path(cfg.experiments.config),
-                           *cfg.experiments.overrides])
+    run = experiment.run(exp, cfg.experiments.names, config_path(cfg.experiments.config))
     timings["experiments_s"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    results_root = run["run_dir"].rsplit("/", 1)[0]
-    index = build_report(results_root, cfg.report.out, train_paths=[storage.resolve(cfg.train.storage_path)],
-                         run_id=run["run_id"])
+    index = build_report(storage.resolve(exp.output), cfg.report.out,
+                         train_paths=[storage.resolve(cfg.train.storage_path)], run_id=run["run_id"])
     timings["report_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - start
     print("[reproduce] done in " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()), flush=True)
@@ -105,6 +88,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from jobs.reproduce import main as _main  # the importable module, as in jobs/train.py
-
-    _main()
+    main()

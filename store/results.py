@@ -23,6 +23,7 @@ import functools
 import io
 import posixpath
 import subprocess
+from importlib.metadata import PackageNotFoundError, version
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ import pyarrow.parquet as pq
 from store import storage
 
 MARKER = "_SUCCESS"
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = "config.yaml"  # a run's resolved config (experiment and training runs)
+METRICS_FILE = "metrics.parquet"  # a training run's per-epoch metrics, its commit record
+MODEL_FILE = "model.pt"  # a training run's exported model, with its spec
 
 # The columns every experiment row carries, in table order. ``experiment`` and
 # ``model`` are partition keys: they are in the directory names, not in the files.
@@ -69,8 +72,6 @@ def code_version(repo: str | None = None) -> str:
     except (OSError, subprocess.SubprocessError):
         pass
     try:
-        from importlib.metadata import PackageNotFoundError, version
-
         return f"bagnet-toolkit=={version('bagnet-toolkit')}"
     except PackageNotFoundError:
         return "unknown"
@@ -108,7 +109,9 @@ def rows_to_table(rows: list[dict[str, Any]], common: Mapping[str, Any], own: pa
     missing or extra column, or a value of the wrong type, raises :class:`SchemaError` naming
     the column and the experiment."""
     schema = table_schema(own, drop)
-    given = set(rows[0]) if rows else set()
+    if not rows:
+        return schema.empty_table()
+    given = set(rows[0])
     for i, row in enumerate(rows):
         if set(row) != given:
             odd = sorted(set(row) ^ given)[0]

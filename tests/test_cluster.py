@@ -96,8 +96,8 @@ def test_train_job_writes_checkpoints_and_metrics_to_shared_storage(cluster, sha
 def test_experiment_job_spreads_over_both_nodes(cluster, shared):
     proc = submit(cluster, "spread", [
         "python", "jobs/experiment.py", "--experiment", "predictions", "--config", "configs/experiments-synthetic.yaml",
-        "models=[{name: bagnet9_small, weights: null}]", "dataset.size=256", "dataset.read_batch_size=32",
-        "dataset.num_cpus=0.5", "compute.batch_size=32", "compute.actor_pool_size=2", "compute.num_cpus=1",
+        "models=[{name: bagnet9_small, weights: null}]", "data.test_size=256", "data.read_batch_size=32",
+        "data.num_cpus=0.5", "compute.batch_size=32", "compute.actor_pool_size=2", "compute.num_cpus=1",
         # both replicas up before images flow (else the first ready one may do all of this small job)
         "compute.wait_for_actors_s=300", f"output={shared}/experiments", "run_id=spread"])
     finish(cluster, proc, "spread")

@@ -1,49 +1,136 @@
-"""jobs/experiment.py: config checks, result tables, resume; bagnet.experiments registry and predictions."""
+"""The experiment runner (cluster.evaluation, jobs/experiment.py): config checks, result tables,
+resume, an experiment module added from outside the package; the registry and predictions."""
 
 import io
 import json
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch import nn
 
+from bagnet.config import from_dict, load_config
+from bagnet.experiments import (
+    EXPERIMENTS, CustomSection, ExperimentContext, ExperimentRegistry, ExperimentUnavailable, Summary, predictions,
+)
+from bagnet.experiments.base import REQUIRED_ATTRIBUTES
 from bagnet.imagenet import to_model_input
-from bagnet.synthetic import SyntheticWorld, materialize
-from bagnet.experiments import EXPERIMENTS, NAMES, ExperimentContext, ExperimentRegistry, ExperimentUnavailable
-from bagnet.experiments import predictions
 from bagnet.models import create_model
-from bagnet.config import load_config
-from store import results, storage
+from bagnet.synthetic import SyntheticWorld
+from cluster import evaluation
+from cluster.configs import ExperimentJobConfig, ModelConfig
 from jobs import experiment as job
+from jobs import train
+from store import results, storage
 from tests.fixtures_s3 import storage_options
 
-COMMON = ["run_id", "experiment", "model", "q", "weights", "dataset", "split", "image_id", "label",
-          "seed", "precision", "created_at", "code_version"]
-PREDICTION_COLUMNS = ["pred_top5", "correct_top1", "correct_top5", "label_logit", "max_logit"]
 N_IMAGES = 32
+# Small parameters for the experiments that have them (any other experiment runs with its defaults).
+TINY_PARAMS = {
+    "heatmaps": "{resolution: coarse}",
+    "shuffle": "{tiles: [16], num_perms: 1}",
+    "interaction": "{region_sizes: [8], distances: [0, 16], pairs_per_distance: 1}",
+    "masking": "{rankings: [random, bagnet_heatmap], ks: [0, 2], heatmap_model: bagnet9_small}",
+}
+
+
+def columns(module: ModuleType) -> list[str]:
+    """Every column of an experiment's table as read back: its stored schema plus the partition keys."""
+    return [*results.table_schema(module.SCHEMA).names, *results.PARTITION_KEYS]
+
+
+# --------------------------------------------------------------------------------------------
+# An experiment module from outside the package, written by the test (the contract only)
+
+DUMMY_NAME = "dummy_probe"
+DUMMY_TITLE = "Dummy probe: label logit by image parity"
+DUMMY_SOURCE = f'''
+"""A test experiment outside the package: each image's label logit, bucketed by parity."""
+from dataclasses import dataclass
+
+import pyarrow as pa
+import torch
+
+from bagnet.experiments.base import Summary, forward_in_chunks
+
+TABLE = "{DUMMY_NAME}"
+SCHEMA = pa.schema([("bucket", pa.int64()), ("label_logit", pa.float64())])
+REPORT = Summary(title="{DUMMY_TITLE}", x="bucket", x_label="image index mod buckets",
+                 values={{"label_logit": "label logit"}})
+
+
+@dataclass
+class Params:
+    buckets: int = 2
+    broken: str = ""  # "extra": an undeclared column; "type": a wrongly typed one
+
+
+def run(model, images, labels, params, *, ctx):
+    with torch.inference_mode():
+        logits = forward_in_chunks(model, images, ctx.batch_size).float()
+    rows = [{{"image_id": image_id, "label": int(y), "bucket": n % params.buckets,
+              "label_logit": float(logits[n, y])}}
+            for n, (image_id, y) in enumerate(zip(ctx.image_ids, labels.tolist()))]
+    for row in rows:
+        if params.broken == "extra":
+            row["note"] = "x"
+        elif params.broken == "type":
+            row["bucket"] = "odd"
+    return rows
+'''
+
+
+@pytest.fixture
+def dummy_module(tmp_path, monkeypatch) -> str:
+    """``dummy_probe`` importable from a temporary folder; unregistered afterwards."""
+    folder = tmp_path / "modules"
+    folder.mkdir()
+    (folder / f"{DUMMY_NAME}.py").write_text(DUMMY_SOURCE)
+    monkeypatch.syspath_prepend(str(folder))
+    yield DUMMY_NAME
+    EXPERIMENTS.unregister(DUMMY_NAME)
+    sys.modules.pop(DUMMY_NAME, None)
 
 
 # --------------------------------------------------------------------------------------------
 # registry and the predictions experiment (no Ray)
 
 
-def test_registry_is_lazy_and_checks_the_contract():
-    assert set(NAMES) == {"predictions", "heatmaps", "shuffle", "interaction", "masking"}
-    assert list(EXPERIMENTS) == list(NAMES) and "shuffle" in EXPERIMENTS and "nope" not in EXPERIMENTS
-    module = EXPERIMENTS["predictions"]
-    assert module.TABLE == "predictions" and module.run is predictions.run
-    with pytest.raises(KeyError, match="unknown experiment 'nope'; known: predictions, heatmaps"):
+def test_registry_discovers_the_package_and_checks_the_contract():
+    names = list(EXPERIMENTS)
+    assert names[0] == "predictions" and len(names) == len(set(names)) and "nope" not in EXPERIMENTS
+    for name in names:
+        module = EXPERIMENTS[name]
+        assert all(hasattr(module, a) for a in REQUIRED_ATTRIBUTES), name
+        assert isinstance(module.SCHEMA, pa.Schema) and isinstance(module.REPORT, (Summary, CustomSection)), name
+        results.table_schema(module.SCHEMA)  # no clash with the common columns
+    assert EXPERIMENTS.tables() == {n: EXPERIMENTS[n].TABLE for n in names}
+    assert EXPERIMENTS["predictions"].run is predictions.run
+    with pytest.raises(KeyError, match="unknown experiment 'nope'; known: predictions, "):
         EXPERIMENTS["nope"]
-    registry = ExperimentRegistry(("predictions", "not_written_yet"))
-    assert "not_written_yet" in registry and registry.available() == ["predictions"]
-    with pytest.raises(ExperimentUnavailable, match="bagnet/experiments/not_written_yet.py"):
-        registry["not_written_yet"]
-    assert registry["predictions"] is module  # a missing module does not break the others
+    registry = ExperimentRegistry()
+    with pytest.raises(ExperimentUnavailable, match="bagnet.experiments.base lacks TABLE"):
+        registry.register("bagnet.experiments.base")
+    assert list(registry) == names  # a module that breaks the contract is not added
+
+
+def test_an_outside_module_registered_by_the_config_joins_all(dummy_module, tmp_path):
+    cfg = load_config(ExperimentJobConfig, job.DEFAULT_CONFIG, [
+        f"output={tmp_path}", "models=[{name: bagnet9_small}]", f"modules=[{dummy_module}]"])
+    assert evaluation.parse_experiments("all")[-1] == dummy_module and dummy_module in EXPERIMENTS
+    plan = evaluation.make_plan(cfg, [dummy_module], None)
+    assert [p.key for p in plan.parts] == [f"{dummy_module}/bagnet9_small"] and plan.parts[0].params.buckets == 2
+    assert plan.parts[0].path.endswith(f"{dummy_module}/experiment={dummy_module}/model=bagnet9_small")
+    env = evaluation.runtime_env(cfg)  # the Ray workers find the module where the driver did
+    assert env["env_vars"]["PYTHONPATH"] == os.pathsep.join([str(tmp_path / "modules"), "${PYTHONPATH}"])
 
 
 class FixedLogits(nn.Module):
@@ -72,6 +159,8 @@ def test_predictions_rows():
     assert [r["correct_top5"] for r in rows] == [True, True, False]
     assert [r["label_logit"] for r in rows] == [6.0, 4.0, 0.5]
     assert [r["max_logit"] for r in rows] == [6.0, 6.0, 9.0]
+    table = results.rows_to_table(rows, _common(), predictions.SCHEMA, experiment="predictions")
+    assert table.schema == results.table_schema(predictions.SCHEMA)
     few = predictions.run(FixedLogits([[1, 3, 2]]), torch.zeros(1, 3, 8, 8), torch.tensor([0]),
                           predictions.Params(), ctx=ExperimentContext(image_ids=["x"], model_name="m"))
     assert few[0]["pred_top5"] == [1, 2, 0] and few[0]["correct_top5"] and not few[0]["correct_top1"]
@@ -115,6 +204,7 @@ def _common(run_id="r", q=None):
 
 
 def test_part_writer_layout_reads_back_with_pandas_and_pyarrow(tmp_path):
+    own = pa.schema([("pred_top5", pa.list_(pa.int64())), ("correct_top1", pa.bool_())])
     run_dir = str(tmp_path / "run")
     for model, q in (("bagnet9_small", 9), ("resnet_small", None)):
         part = results.part_dir(run_dir, "predictions", {"experiment": "predictions", "model": model})
@@ -122,13 +212,13 @@ def test_part_writer_layout_reads_back_with_pandas_and_pyarrow(tmp_path):
         for start in (0, 2):
             rows = [{"image_id": f"i{i}", "label": i, "pred_top5": [i, 0], "correct_top1": True}
                     for i in range(start, start + 2)]
-            writer.write(results.rows_to_table(rows, _common(q=q)))
+            writer.write(results.rows_to_table(rows, _common(q=q), own, experiment="predictions"))
         assert results.read_marker(part) is None
         marker = writer.commit({"fingerprint": {"x": 1}})
         assert marker["rows"] == 4 and marker["files"] == ["part-00000.parquet", "part-00001.parquet"]
     table_dir = tmp_path / "run" / "predictions"
     df = pd.read_parquet(table_dir)
-    assert sorted(df.columns) == sorted([*COMMON, "pred_top5", "correct_top1"])
+    assert sorted(df.columns) == sorted([*results.COMMON_SCHEMA.names, *own.names])
     assert len(df) == 8 and set(df["model"].astype(str)) == {"bagnet9_small", "resnet_small"}
     assert df.groupby(df["model"].astype(str))["q"].first().isna().tolist() == [False, True]
     arrow = pads.dataset(table_dir, partitioning="hive").to_table()
@@ -142,47 +232,42 @@ def test_part_writer_layout_reads_back_with_pandas_and_pyarrow(tmp_path):
         results.part_dir(run_dir, "t", {"model": "a/b"})
 
 
-def test_unreadable_images_are_logged_and_dropped(tmp_path, caplog):
-    world = SyntheticWorld(seed=0, image_size=64)
-    n = world.num_classes  # ImageFolderIndex wants every class folder non-empty
-    materialize(world, str(tmp_path), split="val", n=n, ext="png")
-    bad = tmp_path / "val" / world.class_names[0] / "broken.png"
-    bad.write_bytes(b"not an image")
-    source = job.describe_source(job.DatasetSpec(name="imagenet", root=str(tmp_path), image_size=56, resize=64))
-    assert source.num_images == n + 1 and source.num_classes == world.num_classes
-    batch = {k: np.array([it[k] for it in source.items]) for k in ("path", "label", "image_id")}
-    out = job._imagenet_images(batch, root=str(tmp_path), size=56, resize=64)
-    assert out["image"].shape == (n, 56, 56, 3) and out["image"].dtype == np.uint8
-    assert "val/local0/broken.png" not in out["image_id"].tolist() and "val/local0/000000.png" in out["image_id"]
-    assert str(bad) in caplog.text
+def _batch(n: int = 6) -> dict[str, np.ndarray]:
+    b = SyntheticWorld(seed=0, image_size=64).batch(range(n), split="test")
+    return {"image": b["image"], "label": b["label"], "image_id": np.asarray(b["image_id"])}
+
+
+def _actor(experiments: dict[str, dict], *, fast: bool = False, modules=()) -> evaluation.ModelActor:
+    model = ModelConfig(name="bagnet9_small")
+    params = {name: from_dict(EXPERIMENTS[name].Params, raw) for name, raw in experiments.items()}
+    return evaluation.ModelActor(experiments=params, model=model, helpers={"bagnet": model}, modules=list(modules),
+                                 num_classes=10, use_gpu=False, precision="fp32", seed=0, forward_batch_size=8,
+                                 common=_common(q=9), fast=fast, torch_threads=1)
 
 
 def _actor_rows(fast: bool, experiments: dict[str, dict], batch: dict) -> tuple[dict, dict[str, pd.DataFrame]]:
-    spec = {"name": "bagnet9_small", "weights": None, "num_classes": None}
-    actor = job.ModelActor(experiments=experiments, model=spec, helpers={"bagnet": dict(spec)}, num_classes=10,
-                           use_gpu=False, precision="fp32", seed=0, forward_batch_size=8, common=_common(q=9),
-                           fast=fast, torch_threads=1)
-    out = actor(batch)
-    assert set(out) == set(job.COLUMNS) and all(len(v) == len(experiments) for v in out.values())
+    out = _actor(experiments, fast=fast)(batch)
+    assert set(out) == set(evaluation.COLUMNS) and all(len(v) == len(experiments) for v in out.values())
     return out, {name: results.table_from_ipc(payload).to_pandas()
-                 for name, payload in zip(out[job.COL_EXPERIMENT], out[job.COL_ROWS])}
+                 for name, payload in zip(out[evaluation.COL_EXPERIMENT], out[evaluation.COL_ROWS])}
 
 
 def test_model_actor_runs_every_experiment_of_its_model_and_the_fast_path_agrees():
     """One actor call: a row per experiment (its Arrow rows, images, model evaluations, seconds),
     the same rows as each experiment run alone; compute.fast gives the same numbers."""
-    world = SyntheticWorld(seed=0, image_size=64)
-    b = world.batch(range(6), split="test")
-    batch = {"image": b["image"], "label": b["label"], "image_id": np.asarray(b["image_id"])}
-    experiments = {"predictions": {}, "heatmaps": {"resolution": "full"}, "shuffle": {"tiles": [16], "num_perms": 1},
-                   "interaction": {"region_sizes": [8], "distances": [0, 16], "pairs_per_distance": 1},
-                   "masking": {"rankings": ["random", "bagnet_heatmap"], "ks": [0, 2], "heatmap_model": "bagnet9_small"}}
+    batch = _batch()
+    experiments = {name: {} for name in EXPERIMENTS}
+    experiments.update(heatmaps={"resolution": "full"}, shuffle={"tiles": [16], "num_perms": 1},
+                       interaction={"region_sizes": [8], "distances": [0, 16], "pairs_per_distance": 1},
+                       masking={"rankings": ["random", "bagnet_heatmap"], "ks": [0, 2], "heatmap_model": "bagnet9_small"})
     out, eager = _actor_rows(False, experiments, batch)
-    assert list(out[job.COL_EXPERIMENT]) == list(experiments) and (out[job.COL_IMAGES] == 6).all()
+    assert list(out[evaluation.COL_EXPERIMENT]) == list(experiments) and (out[evaluation.COL_IMAGES] == 6).all()
+    for name, df in eager.items():  # each table has exactly its declared columns
+        assert list(df.columns) == results.table_schema(EXPERIMENTS[name].SCHEMA).names, name
     # evaluations counted per experiment: 1 per image; shuffle the original + 1 tiling; masking 2 rankings x 2 ks
-    evals = dict(zip(out[job.COL_EXPERIMENT], out[job.COL_EVALS]))
+    evals = dict(zip(out[evaluation.COL_EXPERIMENT], out[evaluation.COL_EVALS]))
     assert evals["predictions"] == 6 and evals["shuffle"] == 12 and evals["masking"] >= 4 * 6
-    assert (out[job.COL_SECONDS] > 0).all()
+    assert (out[evaluation.COL_SECONDS] > 0).all()
     _, alone = _actor_rows(False, {"shuffle": experiments["shuffle"]}, batch)
     pd.testing.assert_frame_equal(alone["shuffle"].drop(columns="created_at"),
                                   eager["shuffle"].drop(columns="created_at"))
@@ -202,37 +287,50 @@ def test_model_actor_runs_every_experiment_of_its_model_and_the_fast_path_agrees
                 assert (a == f).all(), (name, col)
 
 
+@pytest.mark.parametrize("broken, message", [
+    ("extra", "experiment 'dummy_probe': column 'note' is not in its SCHEMA"),
+    ("type", "experiment 'dummy_probe': column 'bucket' must be int64"),
+])
+def test_rows_that_break_the_schema_fail_naming_column_and_experiment(dummy_module, broken, message):
+    EXPERIMENTS.register(dummy_module)
+    actor = _actor({dummy_module: {"broken": broken}}, modules=[dummy_module])
+    with pytest.raises(results.SchemaError, match=message):
+        actor(_batch(2))
+
+
 # --------------------------------------------------------------------------------------------
 # config errors: all raised before any Ray work
 
 
 @pytest.fixture
 def no_ray(monkeypatch):
-    import cluster.ray_env
-
     def fail(*a, **k):
         raise AssertionError("Ray was started")
 
-    monkeypatch.setattr(cluster.ray_env, "init_ray", fail)
+    monkeypatch.setattr(evaluation, "init_ray", fail)
 
 
 def run_job(out, *overrides, experiment="predictions", models="[{name: bagnet9_small}, {name: resnet_small}]"):
     return job.main(["--experiment", experiment, "--config", str(job.DEFAULT_CONFIG), f"output={out}", "run_id=t",
-                     f"dataset.size={N_IMAGES}", "compute.batch_size=16", f"models={models}", *overrides])
+                     f"data.test_size={N_IMAGES}", "compute.batch_size=16", f"models={models}", *overrides])
 
 
 @pytest.mark.parametrize("args, message", [
     ({"experiment": "nope"}, "--experiment: unknown experiment 'nope'"),
     ({"models": "[{name: resnet_big}]"}, r"models\[0\].name: unknown model 'resnet_big'"),
     ({"models": "[{name: vgg_small}, {name: vgg_small}]"}, "models: model 'vgg_small' is listed twice"),
+    ({"models": "[{name: vgg_small, options: {aligned: true}}]"}, r"models\[0\].options.aligned: model 'vgg_small' has no option"),
+    ({"models": "[{name: vgg_small, num_classes: 3}]"}, r"models\[0\].num_classes: vgg_small has 3 classes but the dataset has 10"),
     ({"overrides": ["experiments.predictions.topk=3"]}, "unknown config key 'experiments.predictions.topk'"),
     ({"overrides": ["experiments.shufle={}"]}, "experiments.shufle: unknown experiment"),
+    ({"overrides": ["modules=[no_such_experiment_module]"]}, r"modules\[0\]: No module named 'no_such_experiment_module'"),
     ({"overrides": ["precision=fp16"]}, "precision: 'fp16' is not one of"),
-    ({"overrides": ["dataset.split=holdout"]}, "dataset.split: 'holdout' is not one of"),
+    ({"overrides": ["split=holdout"]}, "split: 'holdout' is not one of"),
+    ({"overrides": ["dataset.size=8"]}, "unknown config key 'dataset'"),
     ({"overrides": ["compute.wait_for_actors_s=0"]}, r"compute.wait_for_actors_s: must be >= 1 \(or null"),
     ({"models": "[{name: vgg_small, weights: results/train/nope/model.pt}]"},
      r"models\[0\].weights: file not found: results/train/nope/model.pt \(train it with `python jobs/train.py model.name=vgg_small"),
-    ({"overrides": ["dataset.name=imagenet", "dataset.root=/nonexistent/imagenet"]}, "dataset.root: ImageNet root not found"),
+    ({"overrides": ["data.dataset=imagenet", "data.root=/nonexistent/imagenet"]}, "data.root: ImageNet root not found"),
     ({"experiment": "masking"}, "experiments.masking: needs model 'bagnet33_small' \\(bagnet\\) in the models list"),
     ({"experiment": "heatmaps", "models": "[{name: resnet_small}]"},
      r"experiments.heatmaps: applies to none of the models \(resnet_small\)"),
@@ -244,16 +342,26 @@ def test_bad_config_fails_before_ray(tmp_path, no_ray, args, message):
 
 
 def test_all_experiments_leave_out_models_an_experiment_is_not_defined_for(tmp_path, capsys):
-    cfg = load_config(job.ExperimentJobConfig, job.DEFAULT_CONFIG, [
+    cfg = load_config(ExperimentJobConfig, job.DEFAULT_CONFIG, [
         f"output={tmp_path}", "models=[{name: bagnet9_small}, {name: resnet_small}]",
         "experiments.masking.heatmap_model=bagnet9_small"])
-    plan = job.make_plan(cfg, job.parse_experiments("all"), None)
-    by_experiment = {}
+    plan = evaluation.make_plan(cfg, evaluation.parse_experiments("all"), None)
+    by_experiment: dict[str, list[str]] = {}
     for part in plan.parts:
         by_experiment.setdefault(part.experiment, []).append(part.model.name)
-    assert by_experiment.pop("heatmaps") == ["bagnet9_small"]  # heatmaps need a BagNet
-    assert all(models == ["bagnet9_small", "resnet_small"] for models in by_experiment.values()), by_experiment
+    assert list(by_experiment) == list(EXPERIMENTS)
+    for name, models in by_experiment.items():
+        applies_to = getattr(EXPERIMENTS[name], "applies_to", lambda model_name: True)
+        assert models == [m for m in ("bagnet9_small", "resnet_small") if applies_to(m)], name
+    assert by_experiment["heatmaps"] == ["bagnet9_small"]  # heatmaps need a BagNet
     assert "heatmaps: not defined for resnet_small; left out" in capsys.readouterr().out
+
+
+def test_help_lists_the_registry(capsys):
+    with pytest.raises(SystemExit):
+        job.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ", ".join(EXPERIMENTS) in text
 
 
 def test_default_config_names_the_training_command(no_ray, tmp_path, monkeypatch):
@@ -271,6 +379,7 @@ def _mtimes(root: Path) -> dict[str, float]:
 
 
 def _save_weights(model: nn.Module) -> bytes:
+    """A plain state_dict (no model spec), as checkpoints from elsewhere are."""
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     return buf.getvalue()
@@ -293,7 +402,7 @@ def test_predictions_end_to_end_rerun_and_resume(ray_session, tmp_path, capsys):
     run_dir = out / "t"
     table_dir = run_dir / "predictions"
     df = pd.read_parquet(table_dir)
-    assert sorted(df.columns) == sorted(COMMON + PREDICTION_COLUMNS)
+    assert sorted(df.columns) == sorted(columns(predictions))
     assert len(df) == 2 * N_IMAGES and not df.duplicated(["model", "image_id"]).any()
     arrow = pads.dataset(table_dir, partitioning="hive").to_table()
     assert sorted(arrow.column_names) == sorted(df.columns) and arrow.num_rows == len(df)
@@ -318,7 +427,7 @@ def test_predictions_end_to_end_rerun_and_resume(ray_session, tmp_path, capsys):
 
     manifest = json.loads((run_dir / "_SUCCESS").read_text())
     assert manifest["rows_per_table"] == {"predictions": 2 * N_IMAGES} and manifest["experiments"] == ["predictions"]
-    assert manifest["config"]["dataset"]["size"] == N_IMAGES and manifest["timings"]["model_evals"] == 2 * N_IMAGES
+    assert manifest["config"]["data"]["test_size"] == N_IMAGES and manifest["timings"]["model_evals"] == 2 * N_IMAGES
     assert (run_dir / "config.yaml").is_file()
     times = _mtimes(run_dir)
     assert times["_SUCCESS"] == max(times.values())  # written last
@@ -342,12 +451,15 @@ def test_predictions_end_to_end_rerun_and_resume(ray_session, tmp_path, capsys):
     assert len(df2) == 2 * N_IMAGES and not df2.duplicated(["model", "image_id"]).any()
     assert after["_SUCCESS"] == max(after.values())
 
-    # the same run_id with other settings is refused, naming the setting
-    with pytest.raises(SystemExit, match=r"dataset.size: 32 in the finished part, 16 now"):
-        run_job(out, "dataset.size=16", models=models)
+    # the same run_id with other settings is refused, naming the setting (the rule train and tune use)
+    with pytest.raises(SystemExit, match=r"run_id: run .*t \(predictions/bagnet9_small\) already holds results "
+                                         r"computed with other settings \(data.size: 32 before, 16 now\); set run_id"):
+        run_job(out, "data.test_size=16", models=models)
 
 
 def test_predictions_from_s3_to_s3(ray_session, s3_server, s3_bucket, tmp_path):
+    from bagnet.synthetic import materialize
+
     world = SyntheticWorld(seed=0, image_size=64)
     root = f"s3://{s3_bucket}/imagenet"
     n = 2 * world.num_classes
@@ -358,14 +470,14 @@ def test_predictions_from_s3_to_s3(ray_session, s3_server, s3_bucket, tmp_path):
     storage.write_bytes_atomic(weights, _save_weights(create_model("bagnet9_small", num_classes=world.num_classes)))
     output = f"s3://{s3_bucket}/results"
     summary = job.main(["--experiment", "predictions", "--config", str(job.DEFAULT_CONFIG), f"output={output}",
-                        "run_id=s3run", "dataset.name=imagenet", f"dataset.root={root}", "dataset.split=val",
-                        "dataset.image_size=64", "dataset.resize=64", "compute.batch_size=8",
+                        "run_id=s3run", "data.dataset=imagenet", f"data.root={root}", "split=val",
+                        "data.image_size=64", "data.resize=64", "compute.batch_size=8",
                         # the shared Ray's workers started before the moto variables were set
                         "compute.forward_env=[AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY]",
                         f"models=[{{name: bagnet9_small, weights: '{weights}'}}]"])
     assert summary["rows"] == {"predictions": n} and summary["run_dir"] == f"{output}/s3run"
     df = pd.read_parquet(f"{output}/s3run/predictions", storage_options=storage_options(s3_server))
-    assert sorted(df.columns) == sorted(COMMON + PREDICTION_COLUMNS) and len(df) == n
+    assert sorted(df.columns) == sorted(columns(predictions)) and len(df) == n
     assert set(df["dataset"]) == {"imagenet"} and set(df["weights"]) == {weights}
     class_of_id = df["image_id"].str.split("/").str[1].map(world.class_names.index)
     assert (class_of_id == df["label"]).all() and df["image_id"].str.startswith("val/").all()
@@ -376,42 +488,72 @@ def test_predictions_from_s3_to_s3(ray_session, s3_server, s3_bucket, tmp_path):
     assert os.environ["AWS_ENDPOINT_URL"] == s3_server
 
 
-TABLE_COLUMNS = {  # shared/DESIGN.md
-    "shuffle": ["tile", "perm_seed", "correct_top1", "correct_top5", "label_logit", "label_logit_delta"],
-    "interaction": ["patch_size", "a_y", "a_x", "b_y", "b_x", "distance", "delta_a", "delta_b", "delta_ab",
-                    "interaction"],
-    "masking": ["ranking", "k_masked", "label_logit", "label_logit_delta", "correct_top5"],
-    "heatmaps": ["target", "height", "width", "values"],
-}
-TINY_PARAMS = [
-    "experiments.heatmaps={resolution: coarse}",
-    "experiments.shuffle={tiles: [16], num_perms: 1}",
-    "experiments.interaction={region_sizes: [8], distances: [0, 16], pairs_per_distance: 1}",
-    "experiments.masking={rankings: [random, bagnet_heatmap], ks: [0, 2], heatmap_model: bagnet9_small}",
-]
-
-
-def test_other_experiments_end_to_end(ray_session, tmp_path):
-    """One tiny part of every other experiment: the runner's columns plus each table's own."""
-    names = [n for n in NAMES if n != "predictions"]
-    summary = run_job(tmp_path, *TINY_PARAMS, "dataset.size=8", "compute.batch_size=8", "compute.fast=true",
-                      "compute.torch_threads=2", "compute.wait_for_actors_s=300", experiment=",".join(names),
-                      models="[{name: bagnet9_small}]")
+def test_all_experiments_with_an_outside_module_end_to_end(ray_session, dummy_module, tmp_path):
+    """`--experiment all` with a module added by the config's `modules:`: one pass over the images
+    runs every experiment, each table reads back with its declared schema, and the outside
+    module's Summary gets its report section."""
+    out = tmp_path / "out"
+    tiny = [f"experiments.{name}={params}" for name, params in TINY_PARAMS.items()]
+    summary = run_job(out, *tiny, f"modules=[{dummy_module}]", "data.test_size=8", "compute.batch_size=8",
+                      "compute.fast=true", "compute.torch_threads=2", "compute.wait_for_actors_s=300",
+                      experiment="all", models="[{name: bagnet9_small}]")
+    names = list(EXPERIMENTS)
+    assert names[-1] == dummy_module
     assert summary["computed"] == sorted(f"{n}/bagnet9_small" for n in names)
     for name in names:
-        table = EXPERIMENTS[name].TABLE
-        df = pd.read_parquet(tmp_path / "t" / table)
-        assert set(COMMON + TABLE_COLUMNS[name]) <= set(df.columns), (name, sorted(df.columns))
-        assert len(df) > 0 and set(df["image_id"]) == {f"synthetic/test/{i:06d}" for i in range(8)}
-        assert summary["rows"][table] == len(df) and (df["q"] == 9).all()
+        module = EXPERIMENTS[name]
+        table_dir = out / "t" / module.TABLE
+        df = pd.read_parquet(table_dir)
+        assert sorted(df.columns) == sorted(columns(module)), name
+        for file in table_dir.rglob("*.parquet"):  # stored with exactly the declared schema
+            assert pq.read_schema(file).remove_metadata() == results.table_schema(module.SCHEMA), (name, file)
+        assert len(df) > 0 and set(df["image_id"]) == {f"synthetic/test/{i:06d}" for i in range(8)}, name
+        assert summary["rows"][module.TABLE] == len(df) and (df["q"] == 9).all(), name
+    probe = pd.read_parquet(out / "t" / dummy_module)
+    assert sorted(probe["bucket"].unique()) == [0, 1]
     # all parts of the model came from one pass over the images (one pipeline, one actor pool)
-    markers = [results.read_marker(str(tmp_path / "t" / EXPERIMENTS[n].TABLE / f"experiment={n}" / "model=bagnet9_small"))
+    markers = [results.read_marker(str(out / "t" / EXPERIMENTS[n].TABLE / f"experiment={n}" / "model=bagnet9_small"))
                for n in names]
     assert {m["group"] for m in markers} == {"+".join(names) + "/bagnet9_small"}
     assert all(m["images"] == 8 and m["model_evals"] >= 8 and 0 < m["startup_s"] <= m["group_seconds"] for m in markers)
-    manifest = json.loads((tmp_path / "t" / "_SUCCESS").read_text())
-    assert set(manifest["rows_per_table"]) == {EXPERIMENTS[n].TABLE for n in names}
-    assert list(manifest["timings"]["groups_s"]) == [markers[0]["group"]]
+    manifest = json.loads((out / "t" / "_SUCCESS").read_text())
+    assert set(manifest["rows_per_table"]) == set(EXPERIMENTS.tables().values())
+    assert manifest["config"]["modules"] == [dummy_module]
+
+    # analysis/ is imported here, not at the top: a report failure should not hide the runner tests
+    from analysis.report import build_report
+
+    index = build_report(str(out), str(tmp_path / "report"))
+    assert DUMMY_TITLE in (Path(index).parent / "report.md").read_text()
+
+
+def test_an_aligned_model_is_evaluated_as_trained(ray_session, tmp_path):
+    """Train bagnet17_small with model.options.aligned=true; the predictions experiment on its
+    model.pt (no options in the experiment config) gives the trained model's logits."""
+    trained = train.main(["--config", str(train.DEFAULT_CONFIG), f"run.storage_path={tmp_path / 'train'}",
+                          "run.name=aligned", "model.name=bagnet17_small", "model.options.aligned=true",
+                          "data.train_size=64", "data.val_size=32", "optim.batch_size=32", "optim.epochs=1",
+                          "scaling.num_workers=1", "run.log_every=1000"])
+    weights = str(trained["model"])
+    n = 16
+    run_job(tmp_path / "out", f"data.test_size={n}", models=f"[{{name: bagnet17_small, weights: '{weights}'}}]")
+    df = pd.read_parquet(tmp_path / "out" / "t" / "predictions").set_index("image_id").sort_index()
+
+    model = create_model("bagnet17_small", weights=weights, aligned=True).eval()
+    batch = SyntheticWorld(seed=0, image_size=64).batch(range(n), split="test")
+    with torch.no_grad():
+        logits = model(to_model_input(batch["image"]))
+    labels = torch.as_tensor(batch["label"]).view(-1, 1)
+    expected = pd.DataFrame({"label_logit": logits.gather(1, labels).squeeze(1).numpy(),
+                             "max_logit": logits.max(1).values.numpy()}, index=batch["image_id"]).sort_index()
+    assert list(df.index) == list(expected.index)
+    for column in ("label_logit", "max_logit"):
+        np.testing.assert_allclose(df[column].to_numpy(), expected[column].to_numpy(), rtol=1e-4, atol=1e-4,
+                                   err_msg=column)
+    unaligned = create_model("bagnet17_small", num_classes=10).eval()  # the function it was evaluated as before
+    unaligned.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(unaligned(to_model_input(batch["image"])), logits, atol=1e-3)
 
 
 def test_a_model_pool_the_cluster_cannot_place_fails_naming_its_resources(ray_session, tmp_path):
@@ -421,5 +563,5 @@ def test_a_model_pool_the_cluster_cannot_place_fails_naming_its_resources(ray_se
         run_job(tmp_path, "compute.num_cpus=64", "compute.wait_for_actors_s=2", models="[{name: bagnet9_small}]")
     assert not list(tmp_path.rglob("_SUCCESS")) and not list(tmp_path.rglob("*.parquet"))
     # the shared Ray instance is free again: the same job with a pool that fits completes
-    assert run_job(tmp_path, "dataset.size=8", "compute.batch_size=8",
+    assert run_job(tmp_path, "data.test_size=8", "compute.batch_size=8",
                    models="[{name: bagnet9_small}]")["computed"] == ["predictions/bagnet9_small"]

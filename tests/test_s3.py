@@ -1,6 +1,9 @@
 """Storage, weights and images on a real S3 API (moto's server on loopback)."""
 
+import io
+
 import pandas as pd
+import pyarrow as pa
 import torch
 
 from bagnet.imagenet import ImageFolderIndex
@@ -14,7 +17,7 @@ def test_weights_from_s3_are_identical(s3_bucket):
     torch.manual_seed(1)
     source = create_model("bagnet9_small", num_classes=10)
     path = f"s3://{s3_bucket}/weights/model.pt"
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     torch.save(source.state_dict(), buf)
     storage.write_bytes_atomic(path, buf.getvalue())
     torch.manual_seed(2)  # a different random init, overwritten by the load
@@ -34,10 +37,12 @@ def test_imagenet_layout_and_part_writer_on_s3(s3_bucket, s3_server):
     run_dir = f"s3://{s3_bucket}/out/run1"
     part = results.part_dir(run_dir, "predictions", {"experiment": "predictions", "model": "m"})
     writer = results.PartWriter(part)
+    own = pa.schema([("x", pa.float64())])
     writer.write(results.rows_to_table([{"image_id": "a", "label": 1, "x": 0.5}],
                                        {"run_id": "run1", "q": None, "weights": "random", "dataset": "d",
                                         "split": "val", "seed": 0, "precision": "fp32",
-                                        "created_at": results.utc_now(), "code_version": "v"}))
+                                        "created_at": results.utc_now(), "code_version": "v"},
+                                       own, experiment="predictions"))
     assert results.read_marker(part) is None
     writer.commit({"fingerprint": {"k": 1}})
     assert results.completed_parts(run_dir) == {

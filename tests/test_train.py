@@ -1,10 +1,14 @@
-"""Ray Train end to end on the synthetic world: learning, export, resume, worker failure."""
+"""Ray Train end to end on the synthetic world: learning, export with the model's spec, resume,
+worker failure, and the rerun check (the last without Ray)."""
 
 import pandas as pd
 import pytest
 import torch
 
+from bagnet.config import ConfigError, dump_yaml, load_config
 from bagnet.models import create_model
+from cluster import training
+from cluster.configs import TrainJobConfig
 from jobs import train
 
 TINY = ["model.name=bagnet9_small", "data.train_size=256", "data.val_size=128",
@@ -25,12 +29,27 @@ def test_two_workers_learn_and_export(ray_session, tmp_path):
     # 10 classes: chance is 0.1; the local-motif classes alone are 40% of the data
     assert metrics["val_top1"].iloc[-1] > 0.3, metrics[["epoch", "train_top1", "val_top1"]]
     assert metrics["val_count"].iloc[-1] == 512
-    state = torch.load(out["model"], weights_only=True)
-    model = create_model("bagnet9_small", num_classes=10, weights=out["model"])
-    assert torch.equal(model.state_dict()["fc.weight"], state["fc.weight"])
+    saved = torch.load(out["model"], weights_only=True)
+    assert saved["model_spec"]["num_classes"] == 10 and len(saved["model_spec"]["classes"]) == 10
+    model = create_model("bagnet9_small", weights=out["model"])  # the number of classes comes from the spec
+    assert torch.equal(model.state_dict()["fc.weight"], saved["state_dict"]["fc.weight"])
     assert run(tmp_path, "learn", *learn)["skipped"]
-    with pytest.raises(SystemExit, match="data.image_size"):
+    assert run(tmp_path, "learn", *learn, "data.read_batch_size=16", "optim.lr=0.2")["skipped"]  # not in the fingerprint
+    with pytest.raises(SystemExit, match=r"data\.image_size: 64 before, 96 now\); set run\.name"):
         run(tmp_path, "learn", *learn, "data.image_size=96")
+    with pytest.raises(SystemExit, match=r"model\.options\.aligned"):
+        run(tmp_path, "learn", *learn, "model.options.aligned=true")
+
+
+def test_aligned_model_exports_its_spec(ray_session, tmp_path):
+    out = run(tmp_path, "aligned", "model.name=bagnet17_small", "model.options.aligned=true", "data.train_size=64",
+              "data.val_size=32", "optim.batch_size=32", "optim.epochs=1", "scaling.num_workers=1", "run.log_every=1000")
+    spec = torch.load(out["model"], weights_only=True)["model_spec"]
+    assert spec["name"] == "bagnet17_small" and spec["options"] == {"aligned": True}
+    model = create_model("bagnet17_small", weights=out["model"])
+    assert model.aligned and model.offset < 0 and model.model_spec.options == {"aligned": True}
+    with pytest.raises(ValueError, match="aligned"):
+        create_model("bagnet17_small", weights=out["model"], aligned=False)
 
 
 @pytest.mark.slow
@@ -48,3 +67,24 @@ def test_interrupted_run_resumes_without_duplicates(ray_session, tmp_path):
 def test_missing_imagenet_root_fails_before_ray(tmp_path):
     with pytest.raises(SystemExit, match=str(tmp_path / "nope")):
         train.main(["--config", str(train.DEFAULT_CONFIG), "data.dataset=imagenet", f"data.root={tmp_path / 'nope'}"])
+
+
+def test_rerun_check_compares_the_fingerprint(tmp_path):
+    cfg = load_config(TrainJobConfig, train.DEFAULT_CONFIG, ["model.options.aligned=true"])
+    assert not training.check_rerun(cfg, str(tmp_path))  # nothing there yet
+    (tmp_path / "config.yaml").write_text(dump_yaml(cfg))
+    same = load_config(TrainJobConfig, train.DEFAULT_CONFIG,
+                       ["model.options.aligned=true", "data.num_cpus=2", "data.test_size=8", "optim.epochs=20"])
+    assert not training.check_rerun(same, str(tmp_path))  # same run, not finished (no model.pt)
+    other = load_config(TrainJobConfig, train.DEFAULT_CONFIG, ["model.options.aligned=false"])
+    with pytest.raises(ConfigError, match=r"model\.options\.aligned: True before, False now\); set run\.name"):
+        training.check_rerun(other, str(tmp_path))
+
+
+def test_kind_accuracy_groups_synthetic_classes():
+    cfg = load_config(TrainJobConfig, train.DEFAULT_CONFIG)
+    kinds = cfg.data.world().class_kinds()
+    per_class = [1.0 if kind == "local motifs" else 0.0 for kind in kinds]
+    by_kind = training.kind_accuracy(cfg.data, per_class)
+    assert by_kind["local motifs"] == 1.0 and set(by_kind) == set(kinds)
+    assert all(acc == 0.0 for kind, acc in by_kind.items() if kind != "local motifs")

@@ -1,4 +1,4 @@
-"""Ray Tune sweeps over jobs/train.py's loop: ASHA, the trial table, TensorBoard, resume, validation.
+"""Ray Tune sweeps (cluster.sweep, jobs/tune.py): ASHA, the trial table, TensorBoard, resume, validation.
 
 One small sweep (4 trials of bagnet9_small on the synthetic world, at most 2 epochs each) is run
 once for the module, as `python jobs/tune.py` on the session's Ray instance: interrupted (SIGINT) as
@@ -16,14 +16,17 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
 
 from bagnet.config import ConfigError, load_config
 from bagnet.models import create_model
+from cluster import sweep as sweeps
+from cluster.configs import TrainJobConfig
 from jobs import tune
-from jobs.train import TrainJobConfig
+from store.schemas import TUNE_SCHEMA, read_tune_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 LRS = [0.4, 1e-5, 0.3, 2e-5]  # two learn, two barely move: ASHA stops the latter at the first rung
@@ -121,6 +124,9 @@ def test_asha_stops_weak_trials_and_table_holds_every_trial(sweep):
     table = sweep["table"]
     assert len(table) == 4 and set(table["status"]) == {"TERMINATED"}
     assert sorted(table["optim_lr"]) == sorted(LRS)
+    schema = pq.read_schema(sweep["dir"] / "tune_trials.parquet")
+    assert schema.names == [*TUNE_SCHEMA.names, "optim_lr"]
+    assert read_tune_metadata(schema) == (["optim_lr"], {"metric": "val_top1", "mode": "max"})
     assert set(table["model"]) == {"bagnet9_small"} and set(table["q"]) == {9}
     stopped = table[table["stopped_early"]]
     assert len(stopped) >= 1, table[["optim_lr", "epochs", "val_top1_last"]]
@@ -163,15 +169,16 @@ def test_best_model_is_exported_like_a_training_run(sweep):
     assert sweep["best"]["trial_id"] == best["trial_id"]
     cfg = load_config(TrainJobConfig, sweep["best_dir"] / "config.yaml")
     assert cfg.optim.lr == pytest.approx(best["optim_lr"]) and cfg.model.name == "bagnet9_small"
-    model = create_model(cfg.model.name, num_classes=10, weights=str(sweep["best_dir"] / "model.pt"))
+    model = create_model(cfg.model.name, weights=str(sweep["best_dir"] / "model.pt"))  # its spec: 10 classes
+    assert model.model_spec.num_classes == 10
     state = torch.load(Path(best["checkpoint_path"]) / "state.pt", weights_only=False)["model"]
     assert torch.equal(model.state_dict()["fc.weight"], state["fc.weight"])
 
 
 @pytest.mark.slow  # the shared sweep: 5 Ray Train runs (see the marker in pyproject.toml)
 def test_changed_sweep_does_not_resume(sweep):
-    with pytest.raises(ConfigError, match=r"search_space\.optim\.lr=.*set tune\.name"):
-        tune.check_resumable(tune.load_sweep(sweep["config"], ["search_space.optim.lr={grid: [0.1, 0.2]}"]))
+    with pytest.raises(ConfigError, match=r"search_space\.optim\.lr\.grid: \[0\.4, .* before, \[0\.1, 0\.2\] now.*set tune\.name"):
+        sweeps.check_resumable(sweeps.load_sweep(sweep["config"], ["search_space.optim.lr={grid: [0.1, 0.2]}"]))
 
 
 @pytest.mark.parametrize("space, message", [
@@ -188,6 +195,8 @@ def test_changed_sweep_does_not_resume(sweep):
     ({"data.train_size": {"randint": [0, 10]}}, "search_space.data.train_size: value 0 is invalid"),
     ({"optim": {"grid": [1]}}, "search_space.optim: is a config section"),
     ({"optim.epochs": {"grid": [1, 2]}}, "search_space.optim.epochs: cannot be swept"),
+    ({"model.options.aligned": {"grid": [True, "yes"]}}, "search_space.model.options.aligned: value 'yes' is invalid"),
+    ({"model.options.algned": {"grid": [True]}}, "model 'bagnet9_small' has no option 'algned'"),
 ])
 def test_bad_search_space_fails_before_any_trial(tmp_path, space, message):
     config = write_sweep(tmp_path, space)
@@ -197,13 +206,30 @@ def test_bad_search_space_fails_before_any_trial(tmp_path, space, message):
 
 
 def test_search_space_overrides_and_param_space():
-    sweep = tune.load_sweep(ROOT / "configs" / "tune-synthetic.yaml",
+    sweep = sweeps.load_sweep(ROOT / "configs" / "tune-synthetic.yaml",
                             ["search_space.optim.weight_decay={loguniform: [1.0e-5, 1.0e-3]}", "tune.num_samples=2"])
     assert set(sweep.param_space) == {"model.name", "optim.lr", "optim.weight_decay"}
     assert sweep.param_space["model.name"] == {"grid_search": ["bagnet9_small", "bagnet17_small", "bagnet33_small"]}
     assert sweep.param_space["optim.weight_decay"].lower == pytest.approx(1e-5)
     assert sweep.config.tune.num_samples == 2 and sweep.name == "tune-synthetic"
-    cfg = tune.trial_config(sweep.base, {"model.name": "bagnet17_small", "optim.lr": 0.2})
+    cfg = sweeps.trial_config(sweep.base, {"model.name": "bagnet17_small", "optim.lr": 0.2})
     assert (cfg.model.name, cfg.optim.lr, cfg.scaling.num_workers) == ("bagnet17_small", 0.2, 1)
-    imagenet = tune.load_sweep(ROOT / "configs" / "tune-imagenet.yaml")
+    aligned = sweeps.trial_config(sweep.base, {"model.options.aligned": True})
+    assert aligned.model.options == {"aligned": True}
+    imagenet = sweeps.load_sweep(ROOT / "configs" / "tune-imagenet.yaml")
     assert imagenet.param_space["model.name"] == {"grid_search": ["bagnet9", "bagnet17", "bagnet33"]}
+
+
+def test_trial_table_declares_its_parameter_columns(tmp_path):
+    config = write_sweep(tmp_path, {"optim.lr": {"grid": [0.1, 0.2]}, "model.options.aligned": {"grid": [False, True]}},
+                         metric="val_loss", mode="min")
+    sweep = sweeps.load_sweep(config)
+    fixed = {name: None for name in TUNE_SCHEMA.names}
+    rows = [{**fixed, "trial_id": f"t{i}", "epochs": 2, "q": 9, "stopped_early": False, "optim_lr": lr,
+             "model_options_aligned": aligned} for i, (lr, aligned) in enumerate([(0.1, False), (0.2, True)])]
+    table = sweeps.trial_table(sweep, rows)
+    params = ["model_options_aligned", "optim_lr"]  # in the config's order (write_sweep sorts the keys)
+    assert table.schema.names == [*TUNE_SCHEMA.names, *params]
+    assert str(table.schema.field("optim_lr").type) == "double" and str(table.schema.field("q").type) == "int64"
+    assert str(table.schema.field("model_options_aligned").type) == "bool"
+    assert read_tune_metadata(table.schema) == (params, {"metric": "val_loss", "mode": "min"})

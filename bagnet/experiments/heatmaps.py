@@ -4,22 +4,21 @@ One row per (image, target class): ``target``, ``height``, ``width``, ``values``
 row-major, ``height * width``), ``resolution`` ("full" or "coarse"), ``stride`` and ``origin``
 (entry ``(i, j)`` is the patch centred on image pixel ``(origin + stride*i, origin + stride*j)``:
 ``1, 0`` for full-resolution maps, ``model.stride, offset + (q-1)/2`` for coarse ones), plus
-``image_id`` and ``label``. :func:`render` turns rows back into a gallery PNG.
+``image_id`` and ``label``. The report draws them (``analysis/sections/heatmaps.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import pyarrow as pa
 import torch
 from torch import Tensor, nn
 
 from bagnet.config import require
 from bagnet.experiments.base import CustomSection, ExperimentContext, forward_in_chunks
+from bagnet.models import model_q
 from bagnet.heatmap import DEFAULT_MAX_PIXELS, check_bagnet, coarse_heatmap, heatmap
 
 TABLE = "heatmaps"
@@ -37,8 +36,6 @@ REPORT = CustomSection("heatmaps")  # galleries over the images and the most inf
 
 def applies_to(model_name: str) -> bool:
     """Heatmaps are defined for BagNets only (zoo names with a patch size q)."""
-    from bagnet.models import model_q
-
     return model_q(model_name) is not None
 
 
@@ -100,38 +97,3 @@ def run(model: nn.Module, images: Tensor, labels: Tensor, params: Params, *,
          "resolution": params.resolution, "stride": stride, "origin": origin}
         for i, y in enumerate(labels.cpu().tolist()) for k in range(maps.shape[1])
     ]
-
-
-def render(images_uint8: np.ndarray, rows: Sequence[dict], *,
-           image_ids: Sequence[str] | None = None, max_images: int = 8,
-           class_names: Sequence[str] | None = None) -> bytes:
-    """Gallery PNG (bytes) of the first ``max_images`` images of ``rows``.
-
-    ``images_uint8``: ``N x H x W x 3`` uint8, in the order of ``image_ids`` (default: the order
-    in which image ids first appear in ``rows``). One column per image; one heatmap row per target
-    (images must have the same number of targets, as :func:`run` makes them).
-    """
-    from bagnet.plots import gallery_png
-
-    by_image: dict[str, list[dict]] = {}
-    for row in rows:
-        by_image.setdefault(row["image_id"], []).append(row)
-    order = list(image_ids) if image_ids is not None else list(by_image)
-    if not by_image:
-        raise ValueError("no rows to render")
-    chosen = [(idx, iid) for idx, iid in enumerate(order) if iid in by_image][:max_images]
-    t = min(len(by_image[iid]) for _, iid in chosen)
-    maps = np.stack([
-        np.stack([np.asarray(r["values"], np.float32).reshape(r["height"], r["width"])
-                  for r in by_image[iid][:t]]) for _, iid in chosen
-    ])
-    first = by_image[chosen[0][1]][0]
-
-    def name(c: int) -> str:
-        return class_names[c] if class_names is not None else str(c)
-
-    titles = [f"{iid}\nlabel {name(by_image[iid][0]['label'])}, target "
-              f"{','.join(name(r['target']) for r in by_image[iid][:t])}" for _, iid in chosen]
-    images = np.asarray(images_uint8)[[idx for idx, _ in chosen]]
-    return gallery_png(images, maps, titles, stride=int(first.get("stride", 1)),
-                       origin=float(first.get("origin", 0)))

@@ -7,8 +7,9 @@ per-class accuracies between models.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import combinations
+from itertools import combinations, combinations_with_replacement
 
 import numpy as np
 import pandas as pd
@@ -73,16 +74,22 @@ def correctness_matrix(df: pd.DataFrame, column: str = "correct_top1") -> pd.Dat
     return wide[_models(df)]
 
 
-def error_consistency(df: pd.DataFrame, column: str = "correct_top1") -> pd.DataFrame:
+def _pairs(models: Iterable[str], self_pairs: bool) -> Iterator[tuple[str, str]]:
+    """Every pair of ``models`` (each with itself too when ``self_pairs``)."""
+    return combinations_with_replacement(models, 2) if self_pairs else combinations(models, 2)
+
+
+def error_consistency(df: pd.DataFrame, column: str = "correct_top1", *, self_pairs: bool = False) -> pd.DataFrame:
     """Cohen's kappa between every pair of models, on the images both classified.
 
     ``df``: the predictions table (``model``, ``image_id``, ``column``). Returns one row per
-    pair: ``model_a, model_b, n_images, accuracy_a, accuracy_b, observed_agreement, kappa``
-    (kappa NaN when both models are always right or always wrong on those images)."""
+    pair (with ``self_pairs``, each model with itself too, for a full matrix): ``model_a, model_b,
+    n_images, accuracy_a, accuracy_b, observed_agreement, kappa`` (kappa NaN when both models are
+    always right or always wrong on those images)."""
     wide = correctness_matrix(df, column)
     out = []
-    for a, b in combinations(wide.columns, 2):
-        both = wide[[a, b]].dropna()
+    for a, b in _pairs(wide.columns, self_pairs):
+        both = wide[list(dict.fromkeys((a, b)))].dropna()  # one column when a is b
         ca, cb = both[a].astype(bool).to_numpy(), both[b].astype(bool).to_numpy()
         out.append({
             "model_a": a, "model_b": b, "n_images": len(both),
@@ -108,14 +115,15 @@ def class_accuracy(df: pd.DataFrame, column: str = "correct_top1",
 
 
 def class_accuracy_correlation(df: pd.DataFrame, column: str = "correct_top1",
-                               method: str = "pearson") -> pd.DataFrame:
+                               method: str = "pearson", *, self_pairs: bool = False) -> pd.DataFrame:
     """Correlation of per-class accuracies between every pair of models (classes both have
-    images of). Returns ``model_a, model_b, n_classes, correlation`` (``method``: pearson,
-    spearman or kendall; NaN when a model's accuracy is constant over those classes)."""
+    images of; with ``self_pairs``, each model with itself too). Returns ``model_a, model_b,
+    n_classes, correlation`` (``method``: pearson, spearman or kendall; NaN when a model's
+    accuracy is constant over those classes)."""
     acc = class_accuracy(df, column)
     out = []
-    for a, b in combinations(acc.columns, 2):
-        both = acc[[a, b]].dropna()
+    for a, b in _pairs(acc.columns, self_pairs):
+        both = acc[list(dict.fromkeys((a, b)))].dropna()
         corr = both[a].corr(both[b], method=method) if len(both) > 1 else np.nan
         out.append({"model_a": a, "model_b": b, "n_classes": len(both), "correlation": float(corr)})
     return pd.DataFrame(out, columns=["model_a", "model_b", "n_classes", "correlation"])

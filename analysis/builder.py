@@ -1,0 +1,158 @@
+"""What every report section shares: the :class:`Builder` (reads each table from one run, writes
+figures, remembers the runs it used) and the helpers that shape a table for display."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from analysis.html import Figure, Section
+from bagnet.synthetic import SyntheticWorld
+from store import catalog as store_catalog
+from store import storage
+from store.catalog import Catalog, Run, TrainRun
+
+
+def log(msg: str) -> None:
+    print(f"[report] {msg}", flush=True)
+
+
+@dataclass
+class TableData:
+    """A table read from one run: its rows and its Arrow schema (with the file's metadata)."""
+
+    name: str
+    run: Run
+    df: pd.DataFrame
+    schema: pa.Schema
+
+
+class Builder:
+    """Reads tables (one run each), writes figures, remembers which runs it used."""
+
+    def __init__(self, catalog: Catalog, out: str, run_ids: list[str] | None, include_incomplete: bool):
+        self.catalog, self.out, self.run_ids, self.include_incomplete = catalog, out, run_ids, include_incomplete
+        self.used: dict[str, TableData] = {}
+        self._cache: dict[str, TableData | None] = {}
+
+    def load(self, table: str) -> TableData | None:
+        """``table`` from the one run :meth:`store.catalog.Catalog.select` picks (cached), or None."""
+        if table not in self._cache:
+            run = self.catalog.select(table, self.run_ids, self.include_incomplete)
+            data = None
+            if run is not None:
+                arrow = store_catalog.read_table(run, table)
+                data = TableData(table, run, arrow.to_pandas(), arrow.schema)
+                log(f"{table}: {len(data.df)} rows from run {run.name}" + ("" if run.complete else " (INCOMPLETE)"))
+                self.used[table] = data
+            self._cache[table] = data
+        return self._cache[table]
+
+    def train_runs(self) -> list[TrainRun]:
+        """The training runs to use: the complete ones (all, with --include-incomplete)."""
+        return [r for r in self.catalog.train_runs if r.complete or self.include_incomplete]
+
+    def table_section(self, title: str, anchor: str, table: str) -> tuple[Section, pd.DataFrame | None]:
+        """A section built on one table: it and the table's prepared rows, or None (marked missing)."""
+        sec = Section(title, anchor)
+        data = self.load(table)
+        if data is None:
+            sec.missing.append(self.missing(table))
+            return sec, None
+        sec.source = self.source(table)
+        return sec, prepare(data.df)
+
+    def missing(self, table: str) -> str:
+        skipped = [r.name for r in self.catalog.runs if table in r.tables and not r.complete]
+        what = f"no {'' if self.include_incomplete else 'complete '}run holds the `{table}` table"
+        if self.run_ids:
+            what += f" among run ids {', '.join(self.run_ids)}"
+        if skipped and not self.include_incomplete:
+            what += f" (incomplete, skipped: {', '.join(skipped)}; use --include-incomplete to see them)"
+        return what
+
+    def source(self, *tables: str) -> str:
+        parts = [f"{t}: run {self.used[t].run.name}" for t in tables if t in self.used]
+        return ("from " + "; ".join(parts)) if parts else ""
+
+    def figure(self, name: str, png: bytes, caption: str) -> Figure:
+        storage.write_bytes_atomic(storage.join(self.out, "figures", f"{name}.png"), png)
+        return Figure(caption, f"figures/{name}.png")
+
+
+def prepare(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows ready for display: ``q`` as float (NaN for the unconstrained CNNs); one model name
+    under several weights told apart as ``model [weights file]``."""
+    df = df.copy()
+    df["q"] = df["q"].astype(float)
+    multi = df.groupby("model")["weights"].nunique()
+    multi = set(multi[multi > 1].index)
+    if multi:
+        short = df["weights"].astype(str).str.rsplit("/", n=1).str[-1]
+        df["model"] = np.where(df["model"].isin(multi), df["model"] + " [" + short + "]", df["model"])
+    return df
+
+
+def model_order(df: pd.DataFrame) -> list[str]:
+    """BagNets by patch size, then the other models by name."""
+    pairs = df[["model", "q"]].drop_duplicates("model")
+    return [r.model for r in sorted(pairs.itertuples(index=False),
+                                    key=lambda r: (np.isnan(r.q), 0 if np.isnan(r.q) else r.q, r.model))]
+
+
+def column_name(value: Any) -> str:
+    """A table header for ``value``: integral numbers as integers."""
+    if isinstance(value, (int, float, np.integer, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def wide(agg: pd.DataFrame, index: list[str], column: str, value: str, order: list[str]) -> pd.DataFrame:
+    """``value`` with one row per ``index`` combination (models in ``order``) and one column per
+    value of ``column``."""
+    if "q" in index:  # NaN keys would drop the CNNs
+        agg = agg.assign(q=agg["q"].map(q_text).astype(str))
+    table = agg.pivot_table(index=index, columns=column, values=value, aggfunc="first", sort=True)
+    table.columns = [column_name(c) for c in table.columns]
+    return in_model_order(table.reset_index(), order, [k for k in index if k not in ("model", "q")])
+
+
+def in_model_order(df: pd.DataFrame, order: list[str], before: Sequence[str] = (),
+                   after: Sequence[str] = ()) -> pd.DataFrame:
+    """``df`` sorted by the columns ``before``, then its models in ``order``, then ``after``."""
+    rank = df["model"].map({m: i for i, m in enumerate(order)})
+    return df.assign(_o=rank).sort_values([*before, "_o", *after]).drop(columns="_o").reset_index(drop=True)
+
+
+def q_text(q: float | None) -> str | int:
+    return "–" if q is None or np.isnan(q) else int(q)
+
+
+def as_time(values: pd.Series) -> pd.Series:
+    """Timestamps (UTC) from datetimes or epoch seconds."""
+    if pd.api.types.is_numeric_dtype(values):
+        return pd.to_datetime(values, unit="s", utc=True)
+    return pd.to_datetime(values, utc=True)
+
+
+def when(ts: Any) -> str:
+    return "–" if ts is None or pd.isna(ts) else pd.Timestamp(ts).strftime("%Y-%m-%d %H:%M")
+
+
+def synthetic_world(data: dict[str, Any]) -> SyntheticWorld | None:
+    """The world of a run's data config (``config["data"]`` of its manifest or ``config.yaml``),
+    None when its images are not synthetic."""
+    if data["dataset"] != "synthetic":
+        return None
+    return SyntheticWorld(seed=data["seed"], image_size=data["image_size"])
+
+
+def run_world(run: Run) -> SyntheticWorld | None:
+    """The synthetic world an experiment run's images came from (its job config), or None for
+    other data and for a run without a config."""
+    return synthetic_world(run.config["data"]) if run.config else None

@@ -1,0 +1,127 @@
+"""Heatmaps and the most informative patches (the ``heatmaps`` experiment's
+``CustomSection("heatmaps")``): a gallery of true-class maps for one image per class, each
+BagNet's best patches per class and a table of where each class's evidence peaks.
+
+Every map is placed by its row's ``stride`` and ``origin``; synthetic images are regenerated
+from the world of the run's job config (``config["data"]``)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from analysis import figures
+from analysis.builder import Builder, model_order, run_world
+from analysis.html import Figure, Section, Table
+from bagnet.experiments import heatmaps
+from bagnet.plots import Heat, TopPatch, crop_patch, heatmap_grid_png, top_patches_png
+from bagnet.synthetic import SyntheticWorld
+
+GALLERY_MODELS = 4
+GALLERY_IMAGES = 8
+PATCHES_PER_CLASS = 4
+
+
+def heat_of(row: pd.Series) -> Heat:
+    """The map of one row, placed as its producer says."""
+    values = np.asarray(row["values"], np.float32).reshape(int(row["height"]), int(row["width"]))
+    return Heat(values, int(row["stride"]), float(row["origin"]))
+
+
+def image_source(world: SyntheticWorld | None) -> Callable[[str], np.ndarray] | None:
+    """``image_id -> H x W x 3`` uint8 regenerated from ``world`` (cached), or None without one."""
+    if world is None:
+        return None
+    cache: dict[str, np.ndarray] = {}
+
+    def image(image_id: str) -> np.ndarray:
+        if image_id not in cache:
+            split, index = world.parse_image_id(image_id)
+            cache[image_id] = world.sample(index, split).image
+        return cache[image_id]
+    return image
+
+
+def gallery(builder: Builder, df: pd.DataFrame, order: list[str], class_name: Callable[[int], str],
+            image_of: Callable[[str], np.ndarray] | None) -> Figure:
+    """The gallery figure: one image per class (shared by the first models), one row per model."""
+    shown = order[:GALLERY_MODELS]
+    common = set.intersection(*(set(df.loc[df["model"] == m, "image_id"]) for m in shown))
+    pool = df[df["image_id"].isin(common)] if common else df[df["model"] == shown[0]]
+    picked = pool.sort_values("image_id").drop_duplicates("label").sort_values("label").head(GALLERY_IMAGES)
+    ids, labels = picked["image_id"].tolist(), picked["label"].tolist()
+    first = df.drop_duplicates(["model", "image_id"]).set_index(["model", "image_id"])
+    rows = [[heat_of(first.loc[(m, i)]) if (m, i) in first.index else None for i in ids] for m in shown]
+    png = heatmap_grid_png([image_of(i) for i in ids] if image_of else None, rows, [class_name(y) for y in labels],
+                           row_labels=shown, cell=1.25, dpi=figures.DPI)
+    return builder.figure("heatmap_gallery", png,
+                          "Heatmaps of the true class (red: evidence for it, blue: against) for one image per class.")
+
+
+def peaks(df: pd.DataFrame, model: str, class_name: Callable[[int], str],
+          image_of: Callable[[str], np.ndarray] | None) -> tuple[list[dict], dict[int, list[TopPatch]]]:
+    """The peak of every true-class map of ``model``: one table row per class (its best image), and
+    the model's top-patches figure when the images are available."""
+    sub = df[df["model"] == model]
+    q = sub["q"].iloc[0]
+    by_class: dict[int, list[tuple[float, int, pd.Series, int, int]]] = {}
+    for index, row in sub.iterrows():
+        heat = heat_of(row)
+        y, x = np.unravel_index(int(np.nanargmax(heat.values)), heat.values.shape)
+        by_class.setdefault(int(row["label"]), []).append((float(heat.values[y, x]), index, row, int(y), int(x)))
+    table: list[dict] = []
+    patches: dict[int, list[TopPatch]] = {}
+    for label, found in sorted(by_class.items()):
+        found.sort(key=lambda t: -t[0])
+        value, _, row, y, x = found[0]
+        stride, origin = int(row["stride"]), float(row["origin"])
+        table.append({"model": model, "class": class_name(label), "images": len(found), "top image": row["image_id"],
+                      "peak value": value, "map entry (i, j)": f"({y}, {x})",
+                      "image pixel (y, x)": f"({origin + stride * y:g}, {origin + stride * x:g})",
+                      "mean peak": float(np.mean([f[0] for f in found]))})
+        if image_of is not None and not np.isnan(q):
+            for value, index, row, y, x in found[:PATCHES_PER_CLASS]:
+                stride, origin = int(row["stride"]), float(row["origin"])
+                top = round(origin + stride * y - (q - 1) / 2)  # the q x q patch centred on the entry
+                left = round(origin + stride * x - (q - 1) / 2)
+                pixels = crop_patch(image_of(row["image_id"]), top, left, int(q))
+                patches.setdefault(label, []).append(TopPatch(label, value, int(index), top, left, pixels))
+    return table, patches
+
+
+def section(builder: Builder) -> Section:
+    sec, df = builder.table_section("Heatmaps and the most informative patches", "heatmaps", heatmaps.TABLE)
+    if df is None:
+        return sec
+    world = run_world(builder.load(heatmaps.TABLE).run)
+    own = df[df["target"] == df["label"]]
+    df = (own if len(own) else df).reset_index(drop=True)
+    order = model_order(df)
+    names = world.class_names if world is not None else None
+    image_of = image_source(world)
+
+    def class_name(label: int) -> str:
+        return names[int(label)] if names else f"class {int(label)}"
+
+    sec.blocks.append(gallery(builder, df, order, class_name, image_of))
+    if world is not None:
+        sec.blocks.append(f"Images regenerated from SyntheticWorld(seed={world.seed}, image_size={world.image_size}).")
+    else:
+        sec.blocks.append("Image pixels are not available for this dataset: patches are listed by location only.")
+    rows = []
+    for model in order:
+        table, patches = peaks(df, model, class_name, image_of)
+        rows += table
+        if patches:
+            q = int(df.loc[df["model"] == model, "q"].iloc[0])
+            png = top_patches_png(patches, names, title=f"{model}: top patches (q={q})", dpi=figures.DPI,
+                                  upscale=max(2, 48 // q))
+            sec.blocks.append(builder.figure(f"patches_{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}", png,
+                                             f"{model}: the patches with the highest evidence for the true class, "
+                                             "per class (best first)."))
+    sec.blocks.append(Table("Most informative location per class (heatmap maximum of the true class)",
+                            pd.DataFrame(rows)))
+    return sec

@@ -1,0 +1,394 @@
+"""The experiment runner: every (experiment, model) pair of a run as Ray Data pipelines.
+
+Every pair is a *part*; the unfinished parts of one model are computed in one pass over the
+images (:mod:`cluster.images`: generated or read and decoded in parallel CPU tasks): an actor pool
+loads the model once per actor and runs ``run`` of each of the model's experiments (the
+:mod:`bagnet.experiments` registry) on each batch, so perturbed variants are made next to the
+model. The rows, checked against each experiment's ``SCHEMA``, stream back to the driver and are
+written to ``<output>/<run_id>/<table>/experiment=<name>/model=<model>/part-*.parquet`` with a
+``_SUCCESS`` marker per part and, last, a ``_SUCCESS`` run manifest. Rerunning with the same
+``run_id`` skips finished parts and redoes unfinished ones. See docs/experiments.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from ray.exceptions import GetTimeoutError
+from torch import nn
+
+from bagnet.config import ConfigError, dump_yaml, from_dict, require, to_dict
+from bagnet.experiments import EXPERIMENTS, ExperimentContext
+from bagnet.fast import autocast_context, optimize_for_inference
+from bagnet.imagenet import to_model_input
+from bagnet.models import create_model, model_q
+from cluster.configs import ExperimentJobConfig, ModelConfig, looks_like_path
+from cluster.images import ImageSource, describe, image_dataset
+from cluster.ray_env import data_context, init_ray
+from store import results, storage
+
+# The actor's output columns: per (batch, experiment), its rows (Arrow IPC) and what they took.
+COLUMNS = COL_EXPERIMENT, COL_ROWS, COL_IMAGES, COL_EVALS, COL_SECONDS = (
+    "experiment", "rows_ipc", "images", "model_evals", "seconds")
+
+
+class ActorPoolTimeout(RuntimeError):
+    """A model's actor pool did not start within ``compute.wait_for_actors_s``."""
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: parts, fingerprints, resume
+
+
+@dataclass
+class Part:
+    """One unit of work: an experiment on one model."""
+
+    experiment: str
+    table: str
+    model: ModelConfig
+    params: Any
+    path: str
+    fingerprint: dict[str, Any]
+    marker: dict[str, Any] | None = None  # set when the part is already finished
+
+    @property
+    def key(self) -> str:
+        return f"{self.experiment}/{self.model.name}"
+
+
+@dataclass
+class Plan:
+    cfg: ExperimentJobConfig
+    experiments: list[str]
+    run_id: str
+    run_dir: str
+    source: ImageSource
+    parts: list[Part]
+    modules: dict[str, ModuleType]  # experiment name -> its module
+
+    @property
+    def todo(self) -> list[Part]:
+        return [p for p in self.parts if p.marker is None]
+
+
+def parse_experiments(arg: str) -> list[str]:
+    """``--experiment``: names of the registry, comma-separated, or ``all``."""
+    names = list(EXPERIMENTS) if arg.strip() == "all" else [n.strip() for n in arg.split(",") if n.strip()]
+    for name in names:
+        if name not in EXPERIMENTS:
+            raise ConfigError(f"--experiment: unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}, all")
+    if not names:
+        raise ConfigError("--experiment: give at least one experiment name")
+    return list(dict.fromkeys(names))
+
+
+def helper_model_names(module: ModuleType, params: Any) -> dict[str, str]:
+    """The optional ``helper_models`` hook: ``ctx.helper_models`` key -> zoo model name."""
+    hook = getattr(module, "helper_models", None)
+    return hook(params) if hook else {}
+
+
+def make_plan(cfg: ExperimentJobConfig, experiments: list[str], config_path: str | Path | None) -> Plan:
+    """Check everything that can be checked without Ray (raises ConfigError naming the key) and
+    list the parts, each with the marker of an earlier finished attempt."""
+    modules = {name: EXPERIMENTS[name] for name in experiments}
+    params = {}
+    for name, module in modules.items():
+        params[name] = from_dict(module.Params, cfg.experiments.get(name) or {}, prefix=f"experiments.{name}.")
+        for key, model_name in helper_model_names(module, params[name]).items():
+            require(any(m.name == model_name for m in cfg.models), f"experiments.{name}",
+                    f"needs model {model_name!r} ({key}) in the models list")
+    source = describe(cfg.data, cfg.split)
+    for i, model in enumerate(cfg.models):
+        model.check_weights(f"models[{i}].weights")
+        require(model.num_classes is None or model.num_classes >= source.num_classes, f"models[{i}].num_classes",
+                f"{model.name} has {model.num_classes} classes but the dataset has {source.num_classes}")
+    run_id = cfg.run_id or (Path(config_path).stem if config_path else "experiments")
+    run_dir = storage.join(storage.resolve(cfg.output), run_id)
+    common = {"data": cfg.data.fingerprint(cfg.split), "seed": cfg.seed, "precision": cfg.precision}
+    parts = []
+    for name, module in modules.items():
+        applies_to = getattr(module, "applies_to", lambda model_name: True)
+        models = [m for m in cfg.models if applies_to(m.name)]
+        require(bool(models), f"experiments.{name}",
+                f"applies to none of the models ({', '.join(m.name for m in cfg.models)})")
+        if skipped := [m.name for m in cfg.models if m not in models]:
+            print(f"[experiment] {name}: not defined for {', '.join(skipped)}; left out", flush=True)
+        for model in models:
+            path = results.part_dir(run_dir, module.TABLE, {"experiment": name, "model": model.name})
+            fingerprint = {**common, "model": to_dict(model), "params": to_dict(params[name])}
+            marker = results.read_marker(path)
+            try:
+                results.check_fingerprint(marker and marker.get("fingerprint", {}), fingerprint,
+                                          where=f"run {run_dir} ({name}/{model.name})", rename="run_id")
+            except results.RerunMismatch as err:
+                raise ConfigError(f"run_id: {err}") from None
+            parts.append(Part(name, module.TABLE, model, params[name], path, fingerprint, marker))
+    return Plan(cfg, experiments, run_id, run_dir, source, parts, modules)
+
+
+# --------------------------------------------------------------------------------------------
+# The model actor
+
+
+def build_model(cfg: ModelConfig, num_classes: int, seed: int, device: torch.device) -> nn.Module:
+    """Zoo model ``cfg`` in eval mode on ``device``: weights saved with a spec restore their
+    options themselves; a random init is the same in every actor (seeded)."""
+    torch.manual_seed(seed)
+    weights = cfg.weights
+    if weights and not storage.is_remote(weights) and looks_like_path(weights):
+        weights = storage.resolve(weights)
+    model = create_model(cfg.name, num_classes=cfg.num_classes or num_classes, weights=weights, **cfg.options)
+    return model.eval().to(device)
+
+
+class ModelActor:
+    """Loads one model once, then runs each of its experiments on every batch of images.
+
+    Returns one row per experiment and batch: the experiment's rows as an Arrow IPC stream (the
+    tables have different columns), with the images and model evaluations it took and its
+    compute seconds, so the driver can route every experiment's rows to its own part.
+    """
+
+    def __init__(self, *, experiments: dict[str, Any], model: ModelConfig, helpers: dict[str, ModelConfig],
+                 modules: list[str], num_classes: int, use_gpu: bool, precision: str, seed: int,
+                 forward_batch_size: int, common: dict[str, Any], fast: bool = False,
+                 torch_threads: int | None = None) -> None:
+        for dotted in modules:  # the config's extra experiment modules, registered in this process too
+            EXPERIMENTS.register(dotted)
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.experiments = {name: (EXPERIMENTS[name], params) for name, params in experiments.items()}
+        built: dict[str, nn.Module] = {}
+
+        def build(cfg: ModelConfig) -> nn.Module:  # each distinct model once, the evaluated one included
+            key = repr(to_dict(cfg))
+            if key not in built:
+                net = build_model(cfg, num_classes, seed, self.device)
+                built[key] = optimize_for_inference(net) if fast else net
+            return built[key]
+
+        self.model = build(model)
+        self.helpers = {key: build(cfg) for key, cfg in helpers.items()}
+        self.model_name, self.q, self.seed = model.name, model_q(model.name), seed
+        self.precision, self.forward_batch_size, self.common = precision, forward_batch_size, common
+        self.evals = 0
+        # Every path through a zoo network (forward, patch_logits, ...) runs its first conv once
+        # per image: count images there, perturbed variants included.
+        stem = next(m for m in self.model.modules() if isinstance(m, nn.Conv2d))
+        stem.register_forward_pre_hook(self._count)
+
+    def _count(self, module: nn.Module, args: tuple) -> None:
+        self.evals += int(args[0].shape[0])
+
+    def run_experiment(self, name: str, images: torch.Tensor, labels: torch.Tensor, image_ids: list[str]) -> pa.Table:
+        """One experiment on one batch: its rows as an Arrow table of its declared schema."""
+        module, params = self.experiments[name]
+        ctx = ExperimentContext(
+            image_ids=image_ids, model_name=self.model_name, q=self.q, seed=self.seed, device=self.device,
+            helper_models=self.helpers, batch_size=self.forward_batch_size)
+        with autocast_context(self.device, self.precision):
+            rows = module.run(self.model, images, labels, params, ctx=ctx)
+        return results.rows_to_table(rows, {**self.common, "created_at": results.utc_now()}, module.SCHEMA,
+                                     experiment=name)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = to_model_input(batch["image"], self.device)
+        labels = torch.as_tensor(np.asarray(batch["label"], np.int64), device=self.device)
+        image_ids = [str(i) for i in batch["image_id"]]
+        out: dict[str, list] = {column: [] for column in COLUMNS}
+        for name in self.experiments:
+            before, start = self.evals, time.perf_counter()
+            table = self.run_experiment(name, images, labels, image_ids)
+            out[COL_EXPERIMENT].append(name)
+            out[COL_ROWS].append(results.table_to_ipc(table))
+            out[COL_IMAGES].append(len(image_ids))
+            out[COL_EVALS].append(self.evals - before)
+            out[COL_SECONDS].append(time.perf_counter() - start)
+        return {k: np.asarray(v, dtype=object if k == COL_ROWS else None) for k, v in out.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Driver
+
+
+def import_root(dotted: str) -> str:
+    """The folder module ``dotted`` (imported) was found in: the ``sys.path`` entry it needs."""
+    top = sys.modules[dotted.split(".", 1)[0]]
+    location = Path(next(iter(getattr(top, "__path__", [])), None) or top.__file__)
+    return str(location.resolve().parent)
+
+
+def runtime_env(cfg: ExperimentJobConfig) -> dict | None:
+    """What the tasks and actors get besides the job's own environment: the ``compute.forward_env``
+    variables set here and, on ``PYTHONPATH``, the folders the ``modules:`` were imported from
+    (Ray workers do not share the driver's ``sys.path``; on a multi-node cluster the modules
+    must also be on every node, e.g. in the job's working directory)."""
+    env_vars = {k: os.environ[k] for k in cfg.compute.forward_env if os.environ.get(k)}
+    if roots := list(dict.fromkeys(import_root(dotted) for dotted in cfg.modules)):
+        env_vars["PYTHONPATH"] = os.pathsep.join([*roots, "${PYTHONPATH}"])  # Ray expands the workers' own
+    return {"env_vars": env_vars} if env_vars else None
+
+
+def group_parts(parts: list[Part]) -> dict[str, list[Part]]:
+    """``parts`` by model, in config order: each group is one pass over the images."""
+    groups: dict[str, list[Part]] = {}
+    for part in parts:
+        groups.setdefault(part.model.name, []).append(part)
+    return groups
+
+
+@dataclass
+class PartProgress:
+    writer: results.PartWriter
+    images: int = 0
+    evals: int = 0
+    compute_s: float = 0.0
+
+
+def run_group(plan: Plan, parts: list[Part], env: dict | None) -> dict[str, dict]:
+    """Compute all unfinished parts of one model in one Ray Data pipeline and publish each; returns
+    their markers by part key. A part is published only when the whole pass has finished."""
+    cfg, model = plan.cfg, parts[0].model
+    helpers: dict[str, ModelConfig] = {}
+    for part in parts:
+        for key, name in helper_model_names(plan.modules[part.experiment], part.params).items():
+            helpers[key] = next(m for m in cfg.models if m.name == name)
+    common = {"run_id": plan.run_id, "q": model_q(model.name), "weights": model.weights_label,
+              "dataset": cfg.data.dataset, "split": cfg.split, "seed": cfg.seed,
+              "precision": cfg.precision, "code_version": results.code_version()}
+    c = cfg.compute
+    with data_context(wait_for_min_actors_s=c.wait_for_actors_s or -1):
+        rows = image_dataset(cfg.data, plan.source, runtime_env=env).map_batches(
+            ModelActor,
+            fn_constructor_kwargs={
+                "experiments": {p.experiment: p.params for p in parts}, "model": model, "helpers": helpers,
+                "modules": list(cfg.modules), "num_classes": plan.source.num_classes, "use_gpu": c.use_gpu,
+                "precision": cfg.precision, "seed": cfg.seed, "forward_batch_size": c.forward_batch_size or c.batch_size,
+                "common": common, "fast": c.fast, "torch_threads": c.torch_threads},
+            batch_size=c.batch_size, batch_format="numpy", zero_copy_batch=False,
+            compute=ray.data.ActorPoolStrategy(size=c.actor_pool_size),
+            num_cpus=c.num_cpus, num_gpus=c.num_gpus if c.use_gpu else 0,
+            memory=c.memory_gb * 2**30 if c.memory_gb else None, runtime_env=env)
+    progress: dict[str, PartProgress] = {}
+    for part in parts:
+        results.discard(part.path)  # leftovers of an interrupted attempt
+        progress[part.experiment] = PartProgress(results.PartWriter(part.path, c.max_file_mb * 2**20))
+    label = f"{'+'.join(progress)}/{model.name}"
+    start = last = time.perf_counter()
+    first_result_s = None
+    for block in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if first_result_s is None:
+            first_result_s = time.perf_counter() - start
+        for name, payload, images, evals, seconds in zip(*(block[col].to_pylist() for col in COLUMNS)):
+            p = progress[name]
+            p.writer.write(results.table_from_ipc(payload))
+            p.images, p.evals, p.compute_s = p.images + images, p.evals + evals, p.compute_s + seconds
+        if time.perf_counter() - last >= c.progress_s:
+            last = time.perf_counter()
+            images = min(p.images for p in progress.values())
+            print(f"[experiment] {label}: {images}/{plan.source.num_images} images, "
+                  f"{sum(p.evals for p in progress.values()) / (last - start):.1f} evals/s", flush=True)
+    wall = time.perf_counter() - start
+    evals = sum(p.evals for p in progress.values())
+    timing = {"group": label, "group_seconds": round(wall, 3), "startup_s": round(first_result_s or wall, 3)}
+    markers = {}
+    for part in parts:
+        p = progress[part.experiment]
+        markers[part.key] = p.writer.commit({
+            "fingerprint": part.fingerprint, "images": p.images, "model_evals": p.evals,
+            "seconds": round(p.compute_s, 3), **timing, "code_version": results.code_version()})
+        print(f"[experiment] {part.key}: {p.writer.rows} rows ({p.images} images, {p.evals} model evaluations, "
+              f"{p.compute_s:.1f} s of compute) -> {part.path}", flush=True)
+    print(f"[experiment] {label}: {evals} model evaluations in {wall:.1f} s ({evals / max(wall, 1e-9):.1f}/s; "
+          f"first results after {timing['startup_s']:.1f} s)", flush=True)
+    return markers
+
+
+@dataclass
+class RunTotals:
+    """What :func:`run_plan` computed: the markers of the parts it finished, the seconds per group."""
+
+    markers: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def model_evals(self) -> int:
+        return sum(m["model_evals"] for m in self.markers.values())
+
+    @property
+    def group_seconds(self) -> dict[str, float]:
+        return {m["group"]: m["group_seconds"] for m in self.markers.values()}
+
+    @property
+    def evals_per_s(self) -> float | None:
+        seconds = sum(self.group_seconds.values())
+        return self.model_evals / seconds if seconds else None
+
+
+def _write_manifest(plan: Plan, totals: RunTotals, wall: float) -> None:
+    parts = results.completed_parts(plan.run_dir)
+    rate = totals.evals_per_s
+    results.write_manifest(plan.run_dir, {
+        "run_id": plan.run_id, "complete": True, "experiments": plan.experiments,
+        "created_at": results.now_iso(), "code_version": results.code_version(),
+        "config": to_dict(plan.cfg), "rows_per_table": results.rows_per_table(parts),
+        "parts": {rel: {k: v for k, v in m.items() if k != "fingerprint"} for rel, m in parts.items()},
+        "timings": {"wall_s": round(wall, 3), "groups_s": totals.group_seconds, "model_evals": totals.model_evals,
+                    "model_evals_per_s": round(rate, 3) if rate else None},
+    })
+
+
+def run_plan(plan: Plan) -> dict[str, Any]:
+    """Compute the plan's unfinished parts (one pass per model), then publish the run manifest.
+
+    Returns ``run_id``, ``run_dir``, ``rows`` per table, the part keys ``computed`` and
+    ``skipped``, ``wall_s``, ``model_evals`` and ``model_evals_per_s``. Raises
+    :class:`ActorPoolTimeout` when a model's pool cannot be placed (finished parts are kept)."""
+    start = time.perf_counter()
+    cfg, todo, totals = plan.cfg, plan.todo, RunTotals()
+    for part in plan.parts:
+        if part.marker is not None:
+            print(f"[experiment] {part.key}: finished earlier ({part.marker['rows']} rows), skipped", flush=True)
+    if todo:
+        init_ray()
+        storage.write_text_atomic(storage.join(plan.run_dir, results.CONFIG_FILE), dump_yaml(cfg))
+        print(f"[experiment] run {plan.run_id}: {len(todo)} of {len(plan.parts)} part(s) to compute on "
+              f"{cfg.data.dataset}/{cfg.split} ({plan.source.num_images} images) -> {plan.run_dir}", flush=True)
+        env = runtime_env(cfg)
+        for model, group in group_parts(todo).items():
+            try:
+                totals.markers.update(run_group(plan, group, env))
+            except GetTimeoutError as err:  # raised only with compute.wait_for_actors_s
+                c = cfg.compute
+                raise ActorPoolTimeout(
+                    f"compute.wait_for_actors_s: the {c.actor_pool_size} replica(s) of {model} (each "
+                    f"num_cpus={c.num_cpus}, num_gpus={c.num_gpus if c.use_gpu else 0}, memory_gb={c.memory_gb}) "
+                    f"did not start within {c.wait_for_actors_s} s: the cluster lacks those resources "
+                    f"(`ray status`). {len(totals.markers)} part(s) finished and are kept; a rerun resumes.") from err
+    wall = time.perf_counter() - start
+    if totals.markers or results.read_marker(plan.run_dir) is None:
+        _write_manifest(plan, totals, wall)
+    rows: dict[str, int] = {}
+    for part in plan.parts:
+        rows[part.table] = rows.get(part.table, 0) + (totals.markers.get(part.key) or part.marker)["rows"]
+    return {"run_id": plan.run_id, "run_dir": plan.run_dir, "rows": rows, "computed": sorted(totals.markers),
+            "skipped": sorted(p.key for p in plan.parts if p.key not in totals.markers), "wall_s": wall,
+            "model_evals": totals.model_evals, "model_evals_per_s": totals.evals_per_s}
+
+
+__all__ = [
+    "COLUMNS", "ActorPoolTimeout", "Part", "Plan", "parse_experiments", "helper_model_names", "make_plan",
+    "build_model", "ModelActor", "import_root", "runtime_env", "group_parts", "PartProgress", "run_group", "RunTotals", "run_plan",
+]

@@ -1,0 +1,312 @@
+"""Data-parallel training with Ray Train: the worker loop, its checkpoint/resume protocol, the
+exported model and the rerun check. ``jobs/train.py`` is the command line; :mod:`cluster.sweep`
+builds one trainer per trial with :func:`build_trainer`.
+
+A run lives in ``<run.storage_path>/<name>/``:
+
+- ``epoch_NNNN/state.pt``: Ray Train's checkpoints (model, optimizer, epoch, metric history and
+  the model's spec), the newest ``run.checkpoints_to_keep`` of them;
+- ``metrics.parquet``: one row per finished epoch, rewritten by rank 0 after each checkpoint from
+  the history kept inside it, so a resumed run has each epoch exactly once;
+- ``config.yaml``: the resolved training config (its model and data sections are the run's
+  fingerprint, see :func:`fingerprint`);
+- ``model.pt``: the final model with its spec (:func:`bagnet.models.model_bytes`), so
+  ``create_model(name, weights=...)`` rebuilds exactly the trained function (options such as
+  ``aligned``, number of classes, class names).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import ray.train
+import ray.train.torch
+import torch
+import yaml
+from ray.train.torch import TorchTrainer
+
+from bagnet.config import ConfigError, dump_yaml, to_dict
+from bagnet.imagenet import to_model_input
+from bagnet.metrics import group_mean
+from bagnet.models import ModelSpec, create_model, model_bytes
+from bagnet.training import evaluate, make_optimizer, train_epoch
+from cluster.configs import DataConfig, TrainJobConfig
+from cluster.images import TrainData
+from store import storage
+from store.results import CONFIG_FILE, METRICS_FILE, MODEL_FILE, RerunMismatch, check_fingerprint
+
+STATE_FILE = "state.pt"  # inside each checkpoint directory
+CHECKPOINT_PREFIX = "epoch_"
+# Data keys that decide how images are made in parallel, or a split training never reads: a rerun
+# may change them.
+DATA_KEYS_OUTSIDE_RESULT = ("read_batch_size", "num_cpus", "test_size")
+
+
+@dataclass(frozen=True)
+class TrainTask:
+    """What every Ray Train worker gets (Ray pickles it): the job config, the spec of the model to
+    build (its number of classes and class names come from the data) and the run's folder."""
+
+    job: TrainJobConfig
+    spec: ModelSpec
+    train_size: int
+    run_dir: str
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    model_path: str
+    metrics_path: str
+    checkpoints: str  # Ray Train's run folder
+    metrics: pd.DataFrame
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------
+# where a run lives, and whether to run it
+
+
+def ray_storage(path: str) -> dict[str, Any]:
+    """Ray Train's / Tune's ``storage_path`` (plus ``storage_filesystem`` for ``s3://``) for
+    ``path``, so Ray reaches S3 through the project's pyarrow filesystem and endpoint policy."""
+    path = storage.resolve(path)
+    if storage.is_remote(path):
+        fs, inner = storage.pyarrow_fs(path)
+        return {"storage_filesystem": fs, "storage_path": inner}
+    return {"storage_path": path}
+
+
+def run_dir(cfg: TrainJobConfig, name: str) -> str:
+    return storage.join(storage.resolve(cfg.run.storage_path), name)
+
+
+def fingerprint(config: Mapping[str, Any]) -> dict[str, Any]:
+    """What decides a run's result, from its config as a plain mapping (``to_dict`` of a
+    TrainJobConfig, or a run's saved ``config.yaml``): the ``model`` section and the ``data``
+    section less :data:`DATA_KEYS_OUTSIDE_RESULT`.
+
+    ``optim``, ``scaling`` and ``run`` may change between invocations of the same run: raising
+    ``optim.epochs`` continues a finished run from its last checkpoint, other optimiser settings
+    apply from the next epoch, and a resumed run may get other workers.
+    """
+    data = {k: v for k, v in config.get("data", {}).items() if k not in DATA_KEYS_OUTSIDE_RESULT}
+    return {"model": dict(config.get("model", {})), "data": data}
+
+
+def check_rerun(cfg: TrainJobConfig, path: str) -> bool:
+    """True when run folder ``path`` already holds this finished run (``model.pt`` and
+    ``optim.epochs`` epochs of metrics); ConfigError naming the key when it holds a run whose
+    :func:`fingerprint` differs."""
+    config_path = storage.join(path, CONFIG_FILE)
+    if not storage.exists(config_path):
+        return False
+    saved = yaml.safe_load(storage.read_bytes(config_path)) or {}
+    try:
+        check_fingerprint(fingerprint(saved), fingerprint(to_dict(cfg)), where=f"run {path}", rename="run.name")
+    except RerunMismatch as err:
+        raise ConfigError(str(err)) from None
+    if not storage.exists(storage.join(path, MODEL_FILE)):
+        return False
+    return storage.read_table(storage.join(path, METRICS_FILE)).num_rows >= cfg.optim.epochs
+
+
+def model_spec(cfg: TrainJobConfig, data: TrainData) -> ModelSpec:
+    """The spec of the model ``cfg`` trains on ``data``; ``model.num_classes``, when set, must be
+    the dataset's."""
+    if cfg.model.num_classes not in (None, data.num_classes):
+        raise ConfigError(f"model.num_classes: {cfg.model.num_classes} differs from the {data.num_classes} "
+                          f"classes of the {cfg.data.dataset} data; leave it null to train on them")
+    return ModelSpec(cfg.model.name, data.num_classes, dict(cfg.model.options), classes=list(data.class_names))
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints and the resume protocol
+
+
+def checkpoint_dir_name(epoch: int) -> str:
+    """The directory of epoch ``epoch``'s checkpoint inside the run dir."""
+    return f"{CHECKPOINT_PREFIX}{epoch:04d}"
+
+
+def checkpoint_epoch(path: str) -> int:
+    """The epoch of the checkpoint at ``path`` (a directory :func:`checkpoint_dir_name` named)."""
+    return int(path.rstrip("/").rsplit("/", 1)[-1].removeprefix(CHECKPOINT_PREFIX))
+
+
+def checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    """The training state a checkpoint holds: ``model``, ``optimizer``, ``epoch``, ``history``,
+    ``model_spec``."""
+    with checkpoint.as_directory() as d:
+        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+
+
+def _resume_state(path: str) -> dict[str, Any] | None:
+    """The newest persisted training state of run folder ``path``, or None for a fresh run.
+
+    Ray resumes from the latest checkpoint its controller registered, but the controller picks a
+    reported checkpoint up only at its next poll of the workers (about 2 s later). Rank 0 rewrites
+    ``metrics.parquet`` right after ``ray.train.report`` has persisted an epoch's checkpoint, so that
+    table is the commit record: a worker killed in between leaves a newer committed epoch, whose
+    checkpoint directory is loaded instead of training that epoch again. One checkpoint is loaded.
+    """
+    checkpoint = ray.train.get_checkpoint()
+    registered = checkpoint_epoch(checkpoint.path) + 1 if checkpoint else 0  # epochs it holds
+    metrics_path = storage.join(path, METRICS_FILE)
+    committed = storage.read_table(metrics_path).num_rows if storage.exists(metrics_path) else 0
+    if committed > registered:
+        fs, inner = storage.pyarrow_fs(storage.join(path, checkpoint_dir_name(committed - 1)))
+        checkpoint = ray.train.Checkpoint(inner, filesystem=fs)
+    return checkpoint_state(checkpoint) if checkpoint else None
+
+
+def write_metrics(path: str, history: list[dict[str, Any]]) -> None:
+    """Rewrite run folder ``path``'s ``metrics.parquet`` from the epoch history."""
+    storage.write_table_atomic(storage.join(path, METRICS_FILE), pa.Table.from_pylist(history))
+
+
+def _maybe_crash(crash_after_epoch: int | None, epoch: int, path: str) -> None:
+    """Fault drill: kill this worker process once (a marker in the run dir records that it happened)."""
+    if crash_after_epoch != epoch:
+        return
+    marker = storage.join(path, f"_crashed_after_epoch_{epoch}")
+    if not storage.exists(marker):
+        storage.write_text_atomic(marker, "worker killed by run.crash_after_epoch\n")
+        print(f"[train] fault drill: killing worker after epoch {epoch + 1}", flush=True)
+        os._exit(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# the worker loop
+
+
+def _to_batches(iterator: Iterable[dict], device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for batch in iterator:
+        yield to_model_input(batch["image"].to(device)), batch["label"].to(device).long()
+
+
+def train_loop(loop_config: dict[str, TrainTask]) -> None:
+    """Runs on every Ray Train worker: resume, then train, evaluate and checkpoint each epoch."""
+    task = loop_config["task"]
+    cfg, spec = task.job, task.spec
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    log = (lambda msg: print(f"[train] {msg}", flush=True)) if rank == 0 else None
+
+    torch.manual_seed(cfg.run.seed)
+    model = create_model(spec.name, num_classes=spec.num_classes, weights=cfg.model.weights, **spec.options)
+    if cfg.optim.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    bare = getattr(model, "module", model)
+    device = ray.train.torch.get_device()
+    global_batch = cfg.optim.batch_size * world * cfg.optim.grad_accum
+    optimizer = make_optimizer(model, cfg.optim, global_batch)
+
+    start, history = 0, []
+    if state := _resume_state(task.run_dir):
+        bare.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, history = state["epoch"] + 1, state["history"]
+        if log:
+            log(f"resumed from checkpoint after epoch {start} ({len(history)} epochs of metrics)")
+
+    steps = math.ceil(task.train_size / (cfg.optim.batch_size * world))
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    for epoch in range(start, cfg.optim.epochs):
+        train_iter = train_shard.iter_torch_batches(batch_size=cfg.optim.batch_size,
+                                                    local_shuffle_buffer_size=4 * cfg.optim.batch_size)
+        train_stats, timing = train_epoch(
+            model, _to_batches(train_iter, device), optimizer, cfg.optim, epoch=epoch, steps_per_epoch=steps,
+            global_batch=global_batch, num_classes=spec.num_classes, device=device, log=log,
+            log_every=cfg.run.log_every)
+        val_iter = val_shard.iter_torch_batches(batch_size=cfg.optim.batch_size)
+        val_stats = evaluate(bare, _to_batches(val_iter, device), cfg.optim, num_classes=spec.num_classes, device=device)
+        row = {"epoch": epoch, **train_stats.reduce().summary("train"), **val_stats.reduce().summary("val"),
+               **timing, "images_per_s": timing["images_per_s_per_worker"] * world, "world_size": world,
+               "finished_at": time.time()}
+        history = history + [row]
+        metrics = {k: v for k, v in row.items() if not isinstance(v, list)}
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                torch.save({"model": bare.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                            "history": history, "model_spec": spec.to_dict()}, os.path.join(tmp, STATE_FILE))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch))
+        if rank == 0:
+            write_metrics(task.run_dir, history)
+            _maybe_crash(cfg.run.crash_after_epoch, epoch, task.run_dir)
+            log(f"epoch {epoch + 1}/{cfg.optim.epochs} train_loss {row['train_loss']:.3f} train_top1 "
+                f"{row['train_top1']:.3f} val_top1 {row['val_top1']:.3f} val_top5 {row['val_top5']:.3f} "
+                f"({row['images_per_s']:.0f} img/s, {timing['epoch_seconds']:.1f} s)")
+
+
+# ---------------------------------------------------------------------------------------------
+# the driver side
+
+
+def build_trainer(cfg: TrainJobConfig, name: str, storage_path: str, data: TrainData, *,
+                  callbacks: list | None = None) -> TorchTrainer:
+    """The ``TorchTrainer`` of run ``name`` under ``storage_path`` for ``cfg`` on ``data``."""
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    task = TrainTask(cfg, model_spec(cfg, data), data.train_size,
+                     storage.join(storage.resolve(storage_path), name))
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={"task": task},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources,
+            accelerator_type=cfg.scaling.accelerator_type),
+        run_config=ray.train.RunConfig(
+            name=name, **ray_storage(storage_path), callbacks=callbacks,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep)),
+        datasets={"train": data.train, "val": data.val},
+    )
+
+
+def export_model(checkpoint: ray.train.Checkpoint, path: str) -> None:
+    """Write the checkpoint's model with its spec as a ``model.pt`` for ``create_model``."""
+    state = checkpoint_state(checkpoint)
+    spec = ModelSpec(**state["model_spec"])
+    model = create_model(spec.name, num_classes=spec.num_classes, **spec.options)
+    model.load_state_dict(state["model"])
+    storage.write_bytes_atomic(path, model_bytes(model, spec))
+
+
+def fit(cfg: TrainJobConfig, name: str, data: TrainData) -> TrainResult:
+    """Train (or resume) run ``name`` to ``optim.epochs`` and export its model; the run's worker
+    error is raised as is."""
+    path = run_dir(cfg, name)
+    storage.write_text_atomic(storage.join(path, CONFIG_FILE), dump_yaml(cfg))
+    start = time.perf_counter()
+    result = build_trainer(cfg, name, cfg.run.storage_path, data).fit()
+    if result.error:
+        raise result.error
+    model_path, metrics_path = storage.join(path, MODEL_FILE), storage.join(path, METRICS_FILE)
+    export_model(result.checkpoint, model_path)
+    return TrainResult(path, model_path, metrics_path, result.path, storage.read_table(metrics_path).to_pandas(),
+                       time.perf_counter() - start)
+
+
+def kind_accuracy(data: DataConfig, per_class: Iterable[float]) -> dict[str, float]:
+    """Mean per-class accuracy by synthetic class kind (``local motifs``, ``arrangement 17px``, ...)."""
+    return group_mean(list(per_class), data.world().class_kinds())
+
+
+__all__ = [
+    "STATE_FILE", "METRICS_FILE", "MODEL_FILE", "TrainTask", "TrainResult", "ray_storage", "run_dir",
+    "fingerprint", "check_rerun", "model_spec", "checkpoint_dir_name", "checkpoint_epoch", "checkpoint_state",
+    "write_metrics", "train_loop", "build_trainer", "export_model", "fit", "kind_accuracy",
+]

@@ -1,0 +1,66 @@
+"""cluster.images, the one image reader: the same images (and the same `limit` rule) for training
+and experiments, unreadable files dropped with their path logged."""
+
+import hashlib
+
+import numpy as np
+
+from bagnet.config import load_config
+from bagnet.synthetic import SyntheticWorld, materialize
+from cluster import images
+from cluster.configs import ExperimentJobConfig, TrainJobConfig
+
+
+def test_unreadable_images_are_logged_and_dropped(tmp_path, caplog):
+    world = SyntheticWorld(seed=0, image_size=64)
+    n = world.num_classes  # ImageFolderIndex wants every class folder non-empty
+    materialize(world, str(tmp_path), split="val", n=n, ext="png")
+    bad = tmp_path / "val" / world.class_names[0] / "broken.png"
+    bad.write_bytes(b"not an image")
+    cfg = load_config(ExperimentJobConfig, None, ["models=[{name: bagnet9_small}]", "data.dataset=imagenet",
+                                                  f"data.root={tmp_path}", "data.image_size=56", "data.resize=64"])
+    source = images.describe(cfg.data, cfg.split)
+    assert source.num_images == n + 1 and source.class_names == world.class_names
+    batch = {k: np.array([it[k] for it in source.items]) for k in ("path", "label", "image_id")}
+    out = images._imagenet_images(batch, size=56, resize=64, augment=False)
+    assert out["image"].shape == (n, 56, 56, 3) and out["image"].dtype == np.uint8
+    assert "val/local0/broken.png" not in out["image_id"].tolist() and "val/local0/000000.png" in out["image_id"]
+    assert str(bad) in caplog.text
+
+
+def test_pick_evenly_spreads_over_the_class_sorted_list():
+    samples = [(f"c{c}/{i}", c) for c in range(5) for i in range(4)]
+    picked = images.pick_evenly(samples, 5)
+    assert [y for _, y in picked] == [0, 1, 2, 3, 4]
+    assert images.pick_evenly(samples, None) == samples and images.pick_evenly(samples, 99) == samples
+
+
+def _fingerprints(rows: list[dict]) -> list[tuple[int, str]]:
+    return sorted((int(r["label"]), hashlib.sha1(np.ascontiguousarray(r["image"]).tobytes()).hexdigest())
+                  for r in rows)
+
+
+def test_limit_gives_training_and_experiments_the_same_images(ray_session, tmp_path):
+    """One ImageNet-layout folder with data.limit: the val images training reads are the images
+    the experiments read with split=val, spread over all classes."""
+    world = SyntheticWorld(seed=0, image_size=64)
+    for split in ("train", "val"):
+        materialize(world, str(tmp_path), split=split, n=4 * world.num_classes, ext="png")
+    limit = 2 * world.num_classes - 3
+    data = [f"data.{key}" for key in ("dataset=imagenet", f"root={tmp_path}", "image_size=56", "resize=64",
+                                       f"limit={limit}", "read_batch_size=8")]
+    train_cfg = load_config(TrainJobConfig, None, data)
+    exp_cfg = load_config(ExperimentJobConfig, None, [*data, "split=val", "models=[{name: bagnet9_small}]"])
+    assert train_cfg.data == exp_cfg.data
+
+    trained_on = images.train_datasets(train_cfg.data)
+    source = images.describe(exp_cfg.data, exp_cfg.split)
+    evaluated = images.image_dataset(exp_cfg.data, source).take_all()
+    assert len(evaluated) == source.num_images == limit
+    assert _fingerprints(trained_on.val.take_all()) == _fingerprints(evaluated)
+    per_class = np.bincount([r["label"] for r in evaluated], minlength=world.num_classes)
+    assert per_class.min() >= 1 and per_class.max() - per_class.min() <= 1  # every class keeps its share
+    ids = [str(r["image_id"]) for r in evaluated]
+    assert sorted(ids) == sorted(item["image_id"] for item in source.items) and len(set(ids)) == limit
+    assert all(i.startswith("val/") for i in ids)
+    assert trained_on.train_size == limit  # the same rule for training's own split
