@@ -4,6 +4,7 @@ figures, remembers the runs it used) and the helpers that shape a table for disp
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,6 +128,17 @@ def in_model_order(df: pd.DataFrame, order: list[str], before: Sequence[str] = (
     """``df`` sorted by the columns ``before``, then its models in ``order``, then ``after``."""
     rank = df["model"].map({m: i for i, m in enumerate(order)})
     return df.assign(_o=rank).sort_values([*before, "_o", *after]).drop(columns="_o").reset_index(drop=True)
+
+
+def shown_path(path: str) -> str:
+    """``path`` as the report prints it: relative to the working directory when it lies below it
+    (so a committed report names no folder of the machine it was made on), else as it is."""
+    if storage.is_remote(path):
+        return path
+    try:
+        return Path(path).resolve().relative_to(Path.cwd().resolve()).as_posix() or "."
+    except ValueError:
+        return path
 
 
 def q_text(q: float | None) -> str | int:

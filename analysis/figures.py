@@ -10,6 +10,7 @@ import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -96,16 +97,20 @@ def lines_figure(df: pd.DataFrame, x: str, panels: Sequence[tuple[str, str]], mo
                 sub = sub.sort_values(x)
                 if not len(sub):
                     continue
-                name = model if not style else f"{model} / {s_val}"
                 ax.plot(sub[x], sub[col], marker=MARKERS[s_i % 6], ms=4, ls=LINESTYLES[s_i % 4],
-                        color=colors[model], label=name)
+                        color=colors[model])
             if vlines and model in vlines:
                 ax.axvline(vlines[model], color=colors[model], ls=":", lw=1.5)
         ax.set(xlabel=xlabel or x, ylabel=label)
         ax.grid(alpha=0.3)
+    # one legend entry per model (colour) and per style value (line style and marker), not per pair
+    handles = [Line2D([], [], color=colors[m], marker="o", ms=4, label=m) for m in models]
+    if style:
+        handles += [Line2D([], [], color="0.3", marker=MARKERS[i % 6], ms=4, ls=LINESTYLES[i % 4], label=f"{style}: {v}")
+                    for i, v in enumerate(styles)]
     if vlines:
-        axes[0][-1].plot([], [], ls=":", color="0.3", label="q of the BagNet")
-    axes[0][-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+        handles.append(Line2D([], [], ls=":", color="0.3", label="q of the BagNet"))
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

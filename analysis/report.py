@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from analysis.builder import Builder, log
+from analysis.builder import Builder, log, shown_path
 from analysis.html import Section, render_html, render_markdown
 from analysis.sections import runs, summary
 from bagnet.experiments import EXPERIMENTS, CustomSection, Summary
@@ -86,7 +86,8 @@ def build_report(results: str, out: str | None = None, train_paths: Sequence[str
     register_run_modules(catalog.runs)
     builder = Builder(catalog, out, run_ids, include_incomplete)
     sections = [*experiment_sections(builder), runs.section(builder)]
-    intro = [f"Results: {results}" + (f"; training runs: {', '.join(train_paths)}" if train_paths else "")
+    intro = [f"Results: {shown_path(results)}"
+             + (f"; training runs: {', '.join(map(shown_path, train_paths))}" if train_paths else "")
              + f". Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
              "Each table is read from a single run: the newest complete one holding it"
              + (f" among run ids {', '.join(run_ids)}" if run_ids else "")

@@ -42,7 +42,7 @@ def train_configs(cfg: ReproduceConfig) -> dict[str, TrainJobConfig]:
 def experiment_config(cfg: ReproduceConfig) -> ExperimentJobConfig:
     """The experiment config, its trained models' weights pointing at the train stage's exports."""
     exp = load_config(ExperimentJobConfig, config_path(cfg.experiments.config), cfg.experiments.overrides)
-    trained = {m: storage.join(storage.resolve(cfg.train.storage_path), m, MODEL_FILE) for m in cfg.train.models}
+    trained = {m: storage.join(cfg.train.storage_path, m, MODEL_FILE) for m in cfg.train.models}
     models = [{**to_dict(m), "weights": trained.get(m.name, m.weights)} for m in exp.models]
     return updated(exp, {"models": models})
 

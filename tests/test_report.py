@@ -327,3 +327,13 @@ def test_report_from_s3(built, s3_bucket, tmp_path):
     assert cell(acc, "top-1", source="predictions", model="bagnet9_small") == "0.450"  # run-old, not run-partial
     assert cell(acc, "top-1", source="training", model="bagnet9_small") == "0.400"
     assert storage.read_bytes(f"s3://{s3_bucket}/report/figures/accuracy.png")[:4] == b"\x89PNG"
+
+
+def test_paths_below_the_working_directory_are_shown_relative(tmp_path, monkeypatch):
+    """A committed report names no folder of the machine it was made on."""
+    from analysis.builder import shown_path
+
+    monkeypatch.chdir(tmp_path)
+    assert shown_path(str(tmp_path / "results" / "run")) == "results/run"
+    assert shown_path("/elsewhere/run") == "/elsewhere/run"
+    assert shown_path("s3://bucket/run") == "s3://bucket/run"

@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import yaml
 
-from analysis.builder import Builder, as_time, when
+from analysis.builder import Builder, as_time, shown_path, when
 from analysis.html import Details, Section, Table
 from bagnet.experiments import EXPERIMENTS
 from store.schemas import TUNE_TABLE
@@ -24,7 +24,7 @@ def result_runs(builder: Builder, used_by: dict[str, list[str]]) -> pd.DataFrame
                      "rows (manifest)": sum(m["rows_per_table"].values()) if m else "–",
                      "code version": m.get("code_version", "–"), "created": m.get("created_at", "–"),
                      "finished": when(pd.Timestamp(r.finished, unit="s", tz="UTC")) if r.finished else "–",
-                     "path": r.path})
+                     "path": shown_path(r.path)})
     return pd.DataFrame(rows)
 
 
@@ -73,7 +73,7 @@ def section(builder: Builder) -> Section:
                                       json.dumps(shown, indent=2, sort_keys=True, default=str)))
     if catalog.train_runs:
         trows = [{"run": r.name, "model": r.config["model"]["name"], "dataset": r.config["data"]["dataset"],
-                  "epochs": len(r.metrics), "complete": "yes" if r.complete else "no", "path": r.path}
+                  "epochs": len(r.metrics), "complete": "yes" if r.complete else "no", "path": shown_path(r.path)}
                  for r in catalog.train_runs]
         sec.blocks.append(Table("Training runs found", pd.DataFrame(trows)))
         for r in catalog.train_runs:
