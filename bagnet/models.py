@@ -8,6 +8,7 @@ final feature map sees exactly one ``q x q`` input patch. Class evidence is comp
 
 from __future__ import annotations
 
+import functools
 import inspect
 import io
 import itertools
@@ -244,29 +245,22 @@ def bagnet(
     return model
 
 
-def bagnet9(num_classes: int = 1000, **kw: Any) -> BagNet:
-    """The paper's BagNet-9 (release file ``bagnet8-*.pth.tar``)."""
-    return bagnet(9, num_classes, **kw)
+def _variant(q: int, name: str, doc: str, **defaults: Any) -> Callable[..., BagNet]:
+    """``bagnet(q, ...)`` under ``name``, with its own option defaults in its signature (which
+    :func:`create_model` reads to compare options with a saved spec)."""
+    build = functools.partial(bagnet, q, **defaults)
+    build.__name__, build.__doc__ = name, doc  # type: ignore[attr-defined]
+    return build
 
 
-def bagnet17(num_classes: int = 1000, **kw: Any) -> BagNet:
-    """The paper's BagNet-17 (release file ``bagnet16-*.pth.tar``)."""
-    return bagnet(17, num_classes, **kw)
-
-
-def bagnet33(num_classes: int = 1000, **kw: Any) -> BagNet:
-    """The paper's BagNet-33 (release file ``bagnet32-*.pth.tar``)."""
-    return bagnet(33, num_classes, **kw)
+bagnet9 = _variant(9, "bagnet9", "The paper's BagNet-9 (release file ``bagnet8-*.pth.tar``).")
+bagnet17 = _variant(17, "bagnet17", "The paper's BagNet-17 (release file ``bagnet16-*.pth.tar``).")
+bagnet33 = _variant(33, "bagnet33", "The paper's BagNet-33 (release file ``bagnet32-*.pth.tar``).")
 
 
 def _small(q: int) -> Callable[..., BagNet]:
-    def build(num_classes: int = 1000, **kw: Any) -> BagNet:
-        kw = {"width": 16, "layers": (1, 1, 1, 1), "bn_momentum": 0.1, **kw}
-        return bagnet(q, num_classes, **kw)
-
-    build.__name__ = f"bagnet{q}_small"
-    build.__doc__ = f"CPU-sized BagNet-{q}: width 16, one bottleneck per stage."
-    return build
+    return _variant(q, f"bagnet{q}_small", f"CPU-sized BagNet-{q}: width 16, one bottleneck per stage.",
+                    width=16, layers=(1, 1, 1, 1), bn_momentum=0.1)
 
 
 bagnet9_small = _small(9)
@@ -485,18 +479,24 @@ def _check_spec(saved: Mapping[str, Any], name: str, num_classes: int | None, op
     if num_classes is not None and num_classes != saved["num_classes"]:
         raise ValueError(f"weights {source} were trained with num_classes={saved['num_classes']}, "
                          f"not {num_classes}")
-    merged = {**saved.get("options", {}), **options}
-    for key in sorted(set(merged)):
-        was = saved.get("options", {}).get(key, _option_default(name, key))
-        if merged[key] != was:
-            raise ValueError(f"weights {source} were trained with option {key}={was!r}, not {merged[key]!r}; "
+    saved_options = saved.get("options", {})
+    for key in sorted(options):
+        was = saved_options.get(key, _option_default(name, key))
+        if _plain(options[key]) != _plain(was):
+            raise ValueError(f"weights {source} were trained with option {key}={was!r}, not {options[key]!r}; "
                              f"build the model with {key}={was!r}")
-    return saved["num_classes"], merged
+    return saved["num_classes"], {**saved_options, **options}
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, so ``layers=[1, 1, 1, 1]`` from a YAML config equals the default ``(1, 1, 1, 1)``."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _option_default(name: str, key: str) -> Any:
-    parameter = inspect.signature(bagnet).parameters.get(key) if model_q(name) else None
-    return parameter.default if parameter is not None else None
+    """The default of option ``key`` in model ``name``'s builder signature (None if it has none)."""
+    parameter = inspect.signature(model_info(name).builder).parameters.get(key)
+    return None if parameter is None or parameter.default is inspect.Parameter.empty else parameter.default
 
 
 def create_model(

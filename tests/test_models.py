@@ -226,6 +226,22 @@ def test_saved_spec_restores_the_trained_function(tmp_path) -> None:
         create_model("resnet_small", aligned=True)
 
 
+def test_saved_spec_compares_options_with_the_builders_own_defaults(tmp_path) -> None:
+    """Weights saved without an option were trained with the builder's default: restating that
+    default (the small BagNets' width 16, not bagnet()'s 64; a list for a tuple) loads, another
+    value refuses naming the default."""
+    from bagnet.models import model_bytes
+
+    trained = create_model("bagnet9_small", num_classes=4).eval()
+    path = tmp_path / "model.pt"
+    path.write_bytes(model_bytes(trained, trained.model_spec))
+    loaded = create_model("bagnet9_small", weights=str(path), width=16, layers=[1, 1, 1, 1], aligned=False).eval()
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(loaded(x), trained(x))
+    with pytest.raises(ValueError, match="option width=16, not 32"):
+        create_model("bagnet9_small", weights=str(path), width=32)
+
+
 def test_zoo_builds_everything() -> None:
     names = list_models()
     assert set(names) >= {
