@@ -21,9 +21,7 @@ An experiment module defines, and nothing else needs editing to add one:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
 
-import pyarrow as pa
 import torch
 from torch import nn
 
@@ -62,15 +60,6 @@ class CustomSection:
     """A bespoke report section: ``analysis.sections.<module>``'s ``section(builder)``."""
 
     module: str
-
-
-@runtime_checkable
-class Experiment(Protocol):
-    """What the registry checks of a module (attributes, not a class to inherit)."""
-
-    TABLE: str
-    SCHEMA: pa.Schema
-    REPORT: Summary | CustomSection
 
 
 def forward_in_chunks(model: nn.Module, x: torch.Tensor, batch_size: int) -> torch.Tensor:
