@@ -40,6 +40,7 @@ __all__ = [
     "register_model",
     "model_info",
     "check_options",
+    "OptionError",
     "create_model",
     "model_bytes",
     "list_models",
@@ -428,18 +429,26 @@ def model_q(name: str) -> int | None:
     return model_info(name).q
 
 
+class OptionError(ValueError):
+    """A builder option a model does not declare, or of the wrong type; ``.option`` names it."""
+
+    def __init__(self, message: str, option: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
 def check_options(name: str, options: Mapping[str, Any]) -> None:
-    """Raise ``ValueError(message, option)`` unless every option is one model ``name`` declares,
+    """Raise :class:`OptionError` unless every option is one model ``name`` declares,
     with a value of the declared type."""
     declared = model_info(name).options
     for key, value in options.items():
         if key not in declared:
             known = ", ".join(declared) or "none"
-            raise ValueError(f"model {name!r} has no option {key!r} (its options: {known})", key)
+            raise OptionError(f"model {name!r} has no option {key!r} (its options: {known})", key)
         types = declared[key] if isinstance(declared[key], tuple) else (declared[key],)
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             wanted = " or ".join(t.__name__ for t in types)
-            raise ValueError(f"model {name!r} option {key!r} must be {wanted}, got {value!r}", key)
+            raise OptionError(f"model {name!r} option {key!r} must be {wanted}, got {value!r}", key)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bagnet import models as zoo
-from bagnet.config import require
+from bagnet.config import ConfigError, require
 from bagnet.experiments import EXPERIMENTS
 from bagnet.synthetic import SPLITS, SyntheticWorld
 from bagnet.training import OptimConfig
@@ -47,9 +47,8 @@ class ModelConfig:
         require(self.num_classes is None or self.num_classes >= 1, "num_classes", f"must be >= 1, got {self.num_classes}")
         try:
             zoo.check_options(self.name, self.options)
-        except ValueError as err:
-            raise_key = f"options.{err.args[1]}" if len(err.args) > 1 else "options"
-            require(False, raise_key, str(err.args[0]))
+        except zoo.OptionError as err:
+            raise ConfigError(f"options.{err.option}: {err}") from None
 
     def check_weights(self, key: str) -> None:
         """ConfigError naming ``key`` when the weights name a local file that does not exist (checked
@@ -192,7 +191,7 @@ class ExperimentJobConfig:
             try:
                 EXPERIMENTS.register(dotted)
             except (ImportError, ValueError) as err:
-                require(False, f"modules[{i}]", str(err))
+                raise ConfigError(f"modules[{i}]: {err}") from None
         require(len(self.models) >= 1, "models", "list at least one model")
         names = [m.name for m in self.models]
         dup = sorted({n for n in names if names.count(n) > 1})

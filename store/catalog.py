@@ -236,5 +236,5 @@ def read_train_run(path: str, complete: bool) -> TrainRun:
                     metrics=metrics.sort_values("epoch").reset_index(drop=True))
 
 
-__all__ = ["METRICS_FILE", "MODEL_FILE", "Run", "TrainRun", "Catalog", "discover", "read_manifest", "read_yaml",
+__all__ = ["Run", "TrainRun", "Catalog", "discover", "read_manifest", "read_yaml",
            "table_location", "partition_values", "read_table", "read_train_run"]
