@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from bagnet.metrics import group_mean
 from store import storage
 
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
@@ -159,6 +160,10 @@ class SyntheticWorld:
         """The kind of each class, for accuracy by kind: ``local motifs`` or ``arrangement <s>px``
         (the smallest window that solves it)."""
         return ["local motifs" if c.kind == "local" else f"arrangement {c.scale}px" for c in self.classes]
+
+    def kind_accuracy(self, per_class: Sequence[float]) -> dict[str, float]:
+        """Mean of the per-class accuracies ``per_class`` by class kind (:meth:`class_kinds`)."""
+        return group_mean(list(per_class), self.class_kinds())
 
     def image_id(self, index: int, split: str = "train") -> str:
         return f"synthetic/{split}/{index:06d}"

@@ -35,10 +35,9 @@ from ray.train.torch import TorchTrainer
 
 from bagnet.config import ConfigError, dump_yaml, to_dict
 from bagnet.imagenet import to_model_input
-from bagnet.metrics import group_mean
 from bagnet.models import ModelSpec, create_model, model_bytes
 from bagnet.training import evaluate, make_optimizer, train_epoch
-from cluster.configs import DataConfig, TrainJobConfig
+from cluster.configs import TrainJobConfig
 from cluster.images import TrainData
 from store import storage
 from store.results import CONFIG_FILE, METRICS_FILE, MODEL_FILE, RerunMismatch, check_fingerprint
@@ -300,13 +299,8 @@ def fit(cfg: TrainJobConfig, name: str, data: TrainData) -> TrainResult:
                        time.perf_counter() - start)
 
 
-def kind_accuracy(data: DataConfig, per_class: Iterable[float]) -> dict[str, float]:
-    """Mean per-class accuracy by synthetic class kind (``local motifs``, ``arrangement 17px``, ...)."""
-    return group_mean(list(per_class), data.world().class_kinds())
-
-
 __all__ = [
     "STATE_FILE", "METRICS_FILE", "MODEL_FILE", "TrainTask", "TrainResult", "ray_storage", "run_dir",
     "fingerprint", "check_rerun", "model_spec", "checkpoint_dir_name", "checkpoint_epoch", "checkpoint_state",
-    "write_metrics", "train_loop", "build_trainer", "export_model", "fit", "kind_accuracy",
+    "write_metrics", "train_loop", "build_trainer", "export_model", "fit",
 ]

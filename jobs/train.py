@@ -74,7 +74,7 @@ def train(cfg: TrainJobConfig, name: str) -> dict:
     print(f"done in {result.seconds:.0f} s: val top-1 {last['val_top1']:.3f}, top-5 {last['val_top5']:.3f} "
           f"after {len(result.metrics)} epochs")
     if cfg.data.dataset == "synthetic":
-        by_kind = training.kind_accuracy(cfg.data, last["val_top1_per_class"])
+        by_kind = cfg.data.world().kind_accuracy(last["val_top1_per_class"])
         print("val top-1 by class kind: " + ", ".join(f"{kind} {acc:.3f}" for kind, acc in by_kind.items()))
     print(f"checkpoints: {result.checkpoints}\nmetrics:     {result.metrics_path}\nmodel:       {result.model_path}")
     return {"run_dir": run_dir, "model": result.model_path, "metrics": result.metrics, "skipped": False}

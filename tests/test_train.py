@@ -85,6 +85,6 @@ def test_kind_accuracy_groups_synthetic_classes():
     cfg = load_config(TrainJobConfig, train.DEFAULT_CONFIG)
     kinds = cfg.data.world().class_kinds()
     per_class = [1.0 if kind == "local motifs" else 0.0 for kind in kinds]
-    by_kind = training.kind_accuracy(cfg.data, per_class)
+    by_kind = cfg.data.world().kind_accuracy(per_class)
     assert by_kind["local motifs"] == 1.0 and set(by_kind) == set(kinds)
     assert all(acc == 0.0 for kind, acc in by_kind.items() if kind != "local motifs")

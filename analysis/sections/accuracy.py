@@ -15,7 +15,6 @@ from analysis.builder import (
 )
 from analysis.html import Section, Table
 from bagnet.experiments import predictions
-from bagnet.metrics import group_mean
 from bagnet.models import model_q
 from store.catalog import TrainRun
 from store.schemas import TUNE_TABLE, read_tune_metadata
@@ -44,7 +43,7 @@ def train_kind_accuracy(runs: Sequence[TrainRun]) -> pd.DataFrame | None:
     for r in runs:
         world = synthetic_world(r.config["data"])
         if world is not None:
-            kinds = group_mean(r.metrics["val_top1_per_class"].iloc[-1], world.class_kinds())
+            kinds = world.kind_accuracy(r.metrics["val_top1_per_class"].iloc[-1])
             rows.append({"run": r.name, "model": r.config["model"]["name"], **kinds})
     return pd.DataFrame(rows) if rows else None
 
