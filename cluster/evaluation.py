@@ -35,6 +35,7 @@ from bagnet.models import create_model, model_q
 from cluster.configs import ExperimentJobConfig, ModelConfig, looks_like_path
 from cluster.images import ImageSource, describe, image_dataset
 from cluster.ray_env import data_context, init_ray
+from cluster.runtime_env import forwarded_env
 from store import results, storage
 
 # The actor's output columns: per (batch, experiment), its rows (Arrow IPC) and what they took.
@@ -236,7 +237,7 @@ def runtime_env(cfg: ExperimentJobConfig) -> dict | None:
     variables set here and, on ``PYTHONPATH``, the folders the ``modules:`` were imported from
     (Ray workers do not share the driver's ``sys.path``; on a multi-node cluster the modules
     must also be on every node, e.g. in the job's working directory)."""
-    env_vars = {k: os.environ[k] for k in cfg.compute.forward_env if os.environ.get(k)}
+    env_vars = forwarded_env(names=cfg.compute.forward_env)
     if roots := list(dict.fromkeys(import_root(dotted) for dotted in cfg.modules)):
         env_vars["PYTHONPATH"] = os.pathsep.join([*roots, "${PYTHONPATH}"])  # Ray expands the workers' own
     return {"env_vars": env_vars} if env_vars else None

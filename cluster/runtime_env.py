@@ -22,7 +22,7 @@ import socket
 import sys
 import tomllib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import yaml
@@ -52,10 +52,12 @@ NOT_SHIPPED: tuple[str, ...] = ("ray",)
 PLACEHOLDER_BUCKET = "YOUR-BUCKET"
 
 
-def forwarded_env(environ: Mapping[str, str] | None = None, include_credentials: bool = False) -> dict[str, str]:
-    """The variables of ``environ`` (default ``os.environ``) a job should see on the cluster."""
+def forwarded_env(environ: Mapping[str, str] | None = None, include_credentials: bool = False,
+                  names: Sequence[str] = FORWARDED_ENV) -> dict[str, str]:
+    """The variables ``names`` (plus the credentials, if asked) of ``environ`` (default
+    ``os.environ``) that are set: what a job's processes on the cluster should see."""
     environ = os.environ if environ is None else environ
-    names = FORWARDED_ENV + (CREDENTIAL_ENV if include_credentials else ())
+    names = (*names, *(CREDENTIAL_ENV if include_credentials else ()))
     return {name: environ[name] for name in names if environ.get(name)}
 
 
