@@ -23,8 +23,8 @@ import functools
 import io
 import posixpath
 import subprocess
-from importlib.metadata import PackageNotFoundError, version
 from collections.abc import Iterable, Mapping
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
