@@ -11,11 +11,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as pads
 
 from analysis.html import Figure, Section
 from bagnet.synthetic import SyntheticWorld
 from store import catalog as store_catalog
 from store import storage
+from store.results import FAILURES_TABLE
 from store.catalog import Catalog, Run, TrainRun
 
 
@@ -41,31 +43,65 @@ class Builder:
         self.used: dict[str, TableData] = {}
         self._cache: dict[str, TableData | None] = {}
 
-    def load(self, table: str) -> TableData | None:
-        """``table`` from the one run :meth:`store.catalog.Catalog.select` picks (cached), or None."""
+    def load(self, table: str, columns: list[str] | None = None) -> TableData | None:
+        """``table`` from the one run :meth:`store.catalog.Catalog.select` picks (cached), or None;
+        only ``columns`` (all by default; the first call decides) are read."""
         if table not in self._cache:
             run = self.catalog.select(table, self.run_ids, self.include_incomplete)
             data = None
             if run is not None:
-                arrow = store_catalog.read_table(run, table)
+                arrow = store_catalog.read_table(run, table, columns)
                 data = TableData(table, run, arrow.to_pandas(), arrow.schema)
                 log(f"{table}: {len(data.df)} rows from run {run.name}" + ("" if run.complete else " (INCOMPLETE)"))
+                for folder, problem in self.damaged(run, table).items():
+                    log(f"{table}: damaged part {shown_path(folder)} not read: {problem}")
                 self.used[table] = data
             self._cache[table] = data
         return self._cache[table]
+
+    def rows(self, table: str, where: pads.Expression, columns: list[str] | None = None) -> pd.DataFrame:
+        """The rows of ``table`` (from the run :meth:`load` used) that match ``where``: a few rows
+        with columns :meth:`load` left out, e.g. the heatmaps the gallery draws."""
+        data = self.load(table)
+        arrow = store_catalog.read_table(data.run, table, columns, where)
+        return arrow.to_pandas() if arrow is not None else pd.DataFrame()
+
+    @staticmethod
+    def damaged(run: Run, table: str) -> dict[str, str]:
+        """The damaged parts of ``table`` in ``run`` (folder -> problem): not read, and named."""
+        return {f: p for f, p in run.damaged.items() if store_catalog.table_location(f)[1] == table}
+
+    def failures(self, run: Run, experiments: list[str]) -> pd.DataFrame:
+        """The images of ``experiments`` in ``run`` that could not be used (the failures table)."""
+        if not run.committed(FAILURES_TABLE):
+            return pd.DataFrame()
+        arrow = store_catalog.read_table(run, FAILURES_TABLE, ["experiment", "model", "path", "error"],
+                                         pads.field("experiment").isin(experiments))
+        return arrow.to_pandas()
 
     def train_runs(self) -> list[TrainRun]:
         """The training runs to use: the complete ones (all, with --include-incomplete)."""
         return [r for r in self.catalog.train_runs if r.complete or self.include_incomplete]
 
-    def table_section(self, title: str, anchor: str, table: str) -> tuple[Section, pd.DataFrame | None]:
-        """A section built on one table: it and the table's prepared rows, or None (marked missing)."""
+    def table_section(self, title: str, anchor: str, table: str,
+                      columns: list[str] | None = None) -> tuple[Section, pd.DataFrame | None]:
+        """A section built on one table (only ``columns``, all by default): it and the table's
+        prepared rows, or None (marked missing); damaged parts and failed images are named."""
         sec = Section(title, anchor)
-        data = self.load(table)
+        data = self.load(table, columns)
         if data is None:
             sec.missing.append(self.missing(table))
             return sec, None
         sec.source = self.source(table)
+        for folder, problem in self.damaged(data.run, table).items():
+            sec.missing.append(f"damaged part {shown_path(folder)} (not read: {problem}); rerun the job to redo it")
+        if "experiment" in data.df:
+            failed = self.failures(data.run, sorted(data.df["experiment"].unique()))
+            if len(failed):
+                shown = ", ".join(sorted(set(failed["path"]))[:5])
+                sec.blocks.append(f"{failed['path'].nunique()} image(s) could not be decoded and are not in these "
+                                  f"results (table `{FAILURES_TABLE}` of run {data.run.name}): {shown}"
+                                  + (" ..." if failed["path"].nunique() > 5 else ""))
         return sec, prepare(data.df)
 
     def missing(self, table: str) -> str:

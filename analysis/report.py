@@ -83,6 +83,10 @@ def build_report(results: str, out: str | None = None, train_paths: Sequence[str
     catalog = discover([results, *train_paths])
     log(f"found {len(catalog.runs)} result run(s) ({sum(r.complete for r in catalog.runs)} complete) and "
         f"{len(catalog.train_runs)} training run(s)")
+    if catalog.empty:
+        raise FileNotFoundError(f"no result runs or training runs under {', '.join(catalog.roots)}: nothing to report")
+    for folder, reason in catalog.unreadable.items():
+        log(f"training run {folder} not read: {reason}")
     register_run_modules(catalog.runs)
     builder = Builder(catalog, out, run_ids, include_incomplete)
     sections = [*experiment_sections(builder), runs.section(builder)]
@@ -93,6 +97,8 @@ def build_report(results: str, out: str | None = None, train_paths: Sequence[str
              + (f" among run ids {', '.join(run_ids)}" if run_ids else "")
              + ("; incomplete runs included on request." if include_incomplete
                 else "; runs without a _SUCCESS manifest are skipped.")]
+    intro += [f"Training run {shown_path(f)} could not be read and is left out: {why}"
+              for f, why in catalog.unreadable.items()]
     index = storage.join(out, "index.html")
     storage.write_text_atomic(index, render_html(TITLE, intro, sections))
     storage.write_text_atomic(storage.join(out, "report.md"), render_markdown(TITLE, intro, sections))

@@ -1,17 +1,21 @@
 """The experiment runner: every (experiment, model) pair of a run as Ray Data pipelines.
 
-Every pair is a *part*; the unfinished parts of one model are computed in one pass over the
-images (:mod:`cluster.images`: generated or read and decoded in parallel CPU tasks): an actor pool
-loads the model once per actor and runs ``run`` of each of the model's experiments (the
+Every pair is a *part*. The images are read and decoded once per run (:mod:`cluster.images`:
+generated or read and decoded in parallel CPU tasks, kept in Ray's object store), whatever the
+number of models; the unfinished parts of one model are then computed in one pass over them: an
+actor pool loads the model once per actor and runs ``run`` of each of the model's experiments (the
 :mod:`bagnet.experiments` registry) on each batch, so perturbed variants are made next to the
-model. The rows, checked against each experiment's ``SCHEMA``, stream back to the driver and are
-written to ``<output>/<run_id>/<table>/experiment=<name>/model=<model>/part-*.parquet`` with a
-``_SUCCESS`` marker per part and, last, a ``_SUCCESS`` run manifest. Rerunning with the same
-``run_id`` skips finished parts and redoes unfinished ones. See docs/experiments.md.
+model. Each actor writes its rows, checked against each experiment's ``SCHEMA``, straight to
+``<output>/<run_id>/<table>/experiment=<name>/model=<model>/part-*.parquet``, and undecodable
+images to the ``failures`` table; only each file's name, size, rows and checksum travel to the
+driver, which commits a ``_SUCCESS`` marker per part (after checking images listed = evaluated +
+failures) and, last, a ``_SUCCESS`` run manifest. Rerunning with the same ``run_id`` skips
+finished parts whose files match their markers and redoes the others. See docs/experiments.md.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -38,13 +42,18 @@ from cluster.ray_env import data_context, init_ray
 from cluster.runtime_env import forwarded_env
 from store import results, storage
 
-# The actor's output columns: per (batch, experiment), its rows (Arrow IPC) and what they took.
-COLUMNS = COL_EXPERIMENT, COL_ROWS, COL_IMAGES, COL_EVALS, COL_SECONDS = (
-    "experiment", "rows_ipc", "images", "model_evals", "seconds")
+# The actor's output columns: per (batch, experiment), the files it wrote (JSON of
+# store.results.file_check, "" for none), the images it evaluated and could not, what they took.
+COLUMNS = COL_EXPERIMENT, COL_FILE, COL_FAILURE_FILE, COL_IMAGES, COL_FAILURES, COL_EVALS, COL_SECONDS = (
+    "experiment", "file", "failure_file", "images", "failures", "model_evals", "seconds")
 
 
 class ActorPoolTimeout(RuntimeError):
     """A model's actor pool did not start within ``compute.wait_for_actors_s``."""
+
+
+class AccountingError(RuntimeError):
+    """A part whose images evaluated plus failures differ from the images listed."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,6 +71,7 @@ class Part:
     path: str
     fingerprint: dict[str, Any]
     marker: dict[str, Any] | None = None  # set when the part is already finished
+    failures_path: str = ""  # its images that could not be used: a part of the failures table
 
     @property
     def key(self) -> str:
@@ -127,16 +137,37 @@ def make_plan(cfg: ExperimentJobConfig, experiments: list[str], config_path: str
         if skipped := [m.name for m in cfg.models if m not in models]:
             print(f"[experiment] {name}: not defined for {', '.join(skipped)}; left out", flush=True)
         for model in models:
-            path = results.part_dir(run_dir, module.TABLE, {"experiment": name, "model": model.name})
+            partitions = {"experiment": name, "model": model.name}
+            path = results.part_dir(run_dir, module.TABLE, partitions)
+            failures_path = results.part_dir(run_dir, results.FAILURES_TABLE, partitions)
             fingerprint = {**common, "model": to_dict(model), "params": to_dict(params[name])}
-            marker = results.read_marker(path)
+            marker = finished_marker(path, failures_path, f"{name}/{model.name}")
             try:
                 results.check_fingerprint(marker and marker.get("fingerprint", {}), fingerprint,
                                           where=f"run {run_dir} ({name}/{model.name})", rename="run_id")
             except results.RerunMismatch as err:
                 raise ConfigError(f"run_id: {err}") from None
-            parts.append(Part(name, module.TABLE, model, params[name], path, fingerprint, marker))
+            parts.append(Part(name, module.TABLE, model, params[name], path, fingerprint, marker, failures_path))
     return Plan(cfg, experiments, run_id, run_dir, source, parts, modules)
+
+
+def finished_marker(path: str, failures_path: str, key: str) -> dict[str, Any] | None:
+    """The marker of the finished part at ``path`` when its files (and its failures part's, if
+    it recorded failures) match what their markers say; None for an unfinished part and for a
+    damaged one, which is named on stdout and redone."""
+    try:
+        marker = results.read_marker(path)
+        problem = None if marker is None else results.verify_part(path, marker)
+        if marker is not None and not problem and marker.get("failures"):
+            failures = results.read_marker(failures_path)
+            problem = (results.verify_part(failures_path, failures) if failures
+                       else f"its {marker['failures']} failure(s) are not in {failures_path}")
+    except results.MarkerError as err:
+        marker, problem = None, str(err)
+    if problem:
+        print(f"[experiment] {key}: the finished part is damaged ({problem}); it is redone", flush=True)
+        return None
+    return marker
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,23 +186,27 @@ def build_model(cfg: ModelConfig, num_classes: int, seed: int, device: torch.dev
 
 
 class ModelActor:
-    """Loads one model once, then runs each of its experiments on every batch of images.
+    """Loads one model once, then runs each of its experiments on every batch of images and writes
+    the rows itself.
 
-    Returns one row per experiment and batch: the experiment's rows as an Arrow IPC stream (the
-    tables have different columns), with the images and model evaluations it took and its
-    compute seconds, so the driver can route every experiment's rows to its own part.
+    ``paths`` maps each experiment to its part folder and its failures part folder. Per batch and
+    experiment it writes one Parquet file of the experiment's rows (schema enforced) and, for the
+    batch's undecodable images (``error`` set), one file of failure rows; it returns one row per
+    experiment: those files' checks (name, bytes, rows, sha256), the images it evaluated and
+    could not, the model evaluations and compute seconds it took. No result row leaves the actor.
     """
 
     def __init__(self, *, experiments: dict[str, Any], model: ModelConfig, helpers: dict[str, ModelConfig],
                  modules: list[str], num_classes: int, use_gpu: bool, precision: str, seed: int,
-                 forward_batch_size: int, common: dict[str, Any], fast: bool = False,
-                 torch_threads: int | None = None) -> None:
+                 forward_batch_size: int, common: dict[str, Any], paths: dict[str, tuple[str, str]],
+                 fast: bool = False, torch_threads: int | None = None) -> None:
         for dotted in modules:  # the config's extra experiment modules, registered in this process too
             EXPERIMENTS.register(dotted)
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.experiments = {name: (EXPERIMENTS[name], params) for name, params in experiments.items()}
+        self.paths = paths
         built: dict[str, nn.Module] = {}
 
         def build(cfg: ModelConfig) -> nn.Module:  # each distinct model once, the evaluated one included
@@ -205,20 +240,39 @@ class ModelActor:
         return results.rows_to_table(rows, {**self.common, "created_at": results.utc_now()}, module.SCHEMA,
                                      experiment=name)
 
+    def failure_rows(self, name: str, batch: dict[str, np.ndarray], failed: np.ndarray) -> pa.Table:
+        """The batch's undecodable images as rows of the failures table."""
+        rows = [{"image_id": str(batch["image_id"][i]), "label": int(batch["label"][i]), "path": str(batch["path"][i]),
+                 "error": str(batch["error"][i]), "stage": "decode"} for i in np.flatnonzero(failed)]
+        return results.rows_to_table(rows, {**self.common, "created_at": results.utc_now()},
+                                     results.FAILURES_SCHEMA, experiment=name)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = to_model_input(batch["image"], self.device)
-        labels = torch.as_tensor(np.asarray(batch["label"], np.int64), device=self.device)
-        image_ids = [str(i) for i in batch["image_id"]]
+        failed = np.asarray([bool(e) for e in batch["error"]])
+        ok = ~failed
+        images = to_model_input(np.ascontiguousarray(batch["image"][ok]), self.device)
+        labels = torch.as_tensor(np.asarray(batch["label"], np.int64)[ok], device=self.device)
+        image_ids = [str(i) for i in batch["image_id"][ok]]
         out: dict[str, list] = {column: [] for column in COLUMNS}
         for name in self.experiments:
+            part_path, failures_path = self.paths[name]
             before, start = self.evals, time.perf_counter()
-            table = self.run_experiment(name, images, labels, image_ids)
+            written = ""
+            if image_ids:
+                table = self.run_experiment(name, images, labels, image_ids)
+                written = json.dumps(results.write_part_file(part_path, table)) if table.num_rows else ""
+            seconds = time.perf_counter() - start
+            failures = ""
+            if failed.any():
+                failures = json.dumps(results.write_part_file(failures_path, self.failure_rows(name, batch, failed)))
             out[COL_EXPERIMENT].append(name)
-            out[COL_ROWS].append(results.table_to_ipc(table))
+            out[COL_FILE].append(written)
+            out[COL_FAILURE_FILE].append(failures)
             out[COL_IMAGES].append(len(image_ids))
+            out[COL_FAILURES].append(int(failed.sum()))
             out[COL_EVALS].append(self.evals - before)
-            out[COL_SECONDS].append(time.perf_counter() - start)
-        return {k: np.asarray(v, dtype=object if k == COL_ROWS else None) for k, v in out.items()}
+            out[COL_SECONDS].append(seconds)
+        return {k: np.asarray(v) for k, v in out.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,15 +307,51 @@ def group_parts(parts: list[Part]) -> dict[str, list[Part]]:
 
 @dataclass
 class PartProgress:
-    writer: results.PartWriter
+    files: list[dict] = field(default_factory=list)  # file checks of the part's files
+    failure_files: list[dict] = field(default_factory=list)  # of its failures part
     images: int = 0
+    failures: int = 0
     evals: int = 0
     compute_s: float = 0.0
 
 
-def run_group(plan: Plan, parts: list[Part], env: dict | None) -> dict[str, dict]:
-    """Compute all unfinished parts of one model in one Ray Data pipeline and publish each; returns
-    their markers by part key. A part is published only when the whole pass has finished."""
+def read_images(plan: Plan, env: dict | None) -> tuple[ray.data.Dataset, dict[str, int]]:
+    """The run's images, read and decoded once (undecodable ones kept as rows with ``error``) and
+    held in Ray's object store for every model's pass, and the counts: ``images`` (rows),
+    ``reads`` (file read attempts, retries included; 0 for generated images), ``undecodable``."""
+    start = time.perf_counter()
+    images = image_dataset(plan.cfg.data, plan.source, runtime_env=env, keep_failures=True).materialize()
+    stats = {"images": images.count(), "reads": int(images.sum("reads") or 0),
+             "undecodable": images.filter(lambda row: bool(row["error"])).count()}
+    print(f"[experiment] read and decoded {stats['images']} images once for every model in "
+          f"{time.perf_counter() - start:.1f} s ({stats['reads']} file reads, {stats['undecodable']} undecodable)",
+          flush=True)
+    return images, stats
+
+
+def commit(part: Part, p: PartProgress, listed: int, info: dict[str, Any]) -> dict[str, Any]:
+    """Check that the part accounts for every listed image, then commit its failures part (when
+    it has failures) and its own marker; files in its folders that no marker lists (a retried
+    task's) are deleted first. Raises :class:`AccountingError` naming the counts."""
+    if p.images + p.failures != listed:
+        raise AccountingError(f"{part.key}: {listed} images listed but {p.images} evaluated + {p.failures} "
+                              f"failures; nothing of this part is committed")
+    for path, files in ((part.path, p.files), (part.failures_path, p.failure_files)):
+        keep = {f["name"] for f in files}
+        for name, _ in (storage.list_dir(path) if storage.exists(path) else []):
+            if name not in keep:
+                storage.delete(storage.join(path, name))
+    if p.failures:
+        results.commit_part(part.failures_path, p.failure_files, {"fingerprint": part.fingerprint})
+    return results.commit_part(part.path, p.files, {
+        "fingerprint": part.fingerprint, "images": p.images, "failures": p.failures, "model_evals": p.evals,
+        "seconds": round(p.compute_s, 3), **info, "code_version": results.code_version()})
+
+
+def run_group(plan: Plan, parts: list[Part], env: dict | None, images: ray.data.Dataset) -> dict[str, dict]:
+    """Compute all unfinished parts of one model in one pass over ``images`` (the actors write the
+    files) and commit each; returns their markers by part key. A part is committed only when
+    the whole pass has finished."""
     cfg, model = plan.cfg, parts[0].model
     helpers: dict[str, ModelConfig] = {}
     for part in parts:
@@ -270,37 +360,43 @@ def run_group(plan: Plan, parts: list[Part], env: dict | None) -> dict[str, dict
     common = {"run_id": plan.run_id, "q": model_q(model.name), "weights": model.weights_label,
               "dataset": cfg.data.dataset, "split": cfg.split, "seed": cfg.seed,
               "precision": cfg.precision, "code_version": results.code_version()}
+    for part in parts:  # leftovers of an interrupted attempt
+        results.discard(part.path)
+        results.discard(part.failures_path)
     c = cfg.compute
     with data_context(wait_for_min_actors_s=c.wait_for_actors_s or -1):
-        rows = image_dataset(cfg.data, plan.source, runtime_env=env).map_batches(
+        written = images.map_batches(
             ModelActor,
             fn_constructor_kwargs={
                 "experiments": {p.experiment: p.params for p in parts}, "model": model, "helpers": helpers,
                 "modules": list(cfg.modules), "num_classes": plan.source.num_classes, "use_gpu": c.use_gpu,
                 "precision": cfg.precision, "seed": cfg.seed, "forward_batch_size": c.forward_batch_size or c.batch_size,
-                "common": common, "fast": c.fast, "torch_threads": c.torch_threads},
+                "common": common, "paths": {p.experiment: (p.path, p.failures_path) for p in parts},
+                "fast": c.fast, "torch_threads": c.torch_threads},
             batch_size=c.batch_size, batch_format="numpy", zero_copy_batch=False,
             compute=ray.data.ActorPoolStrategy(size=c.actor_pool_size),
             num_cpus=c.num_cpus, num_gpus=c.num_gpus if c.use_gpu else 0,
             memory=c.memory_gb * 2**30 if c.memory_gb else None, runtime_env=env)
-    progress: dict[str, PartProgress] = {}
-    for part in parts:
-        results.discard(part.path)  # leftovers of an interrupted attempt
-        progress[part.experiment] = PartProgress(results.PartWriter(part.path, c.max_file_mb * 2**20))
+    progress = {part.experiment: PartProgress() for part in parts}
     label = f"{'+'.join(progress)}/{model.name}"
     start = last = time.perf_counter()
     first_result_s = None
-    for block in rows.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for block in written.iter_batches(batch_size=None, batch_format="pyarrow"):
         if first_result_s is None:
             first_result_s = time.perf_counter() - start
-        for name, payload, images, evals, seconds in zip(*(block[col].to_pylist() for col in COLUMNS)):
+        for name, file, failure_file, done, failures, evals, seconds in zip(
+                *(block[col].to_pylist() for col in COLUMNS)):
             p = progress[name]
-            p.writer.write(results.table_from_ipc(payload))
-            p.images, p.evals, p.compute_s = p.images + images, p.evals + evals, p.compute_s + seconds
+            if file:
+                p.files.append(json.loads(file))
+            if failure_file:
+                p.failure_files.append(json.loads(failure_file))
+            p.images, p.failures = p.images + done, p.failures + failures
+            p.evals, p.compute_s = p.evals + evals, p.compute_s + seconds
         if time.perf_counter() - last >= c.progress_s:
             last = time.perf_counter()
-            images = min(p.images for p in progress.values())
-            print(f"[experiment] {label}: {images}/{plan.source.num_images} images, "
+            done = min(p.images + p.failures for p in progress.values())
+            print(f"[experiment] {label}: {done}/{plan.source.num_images} images, "
                   f"{sum(p.evals for p in progress.values()) / (last - start):.1f} evals/s", flush=True)
     wall = time.perf_counter() - start
     evals = sum(p.evals for p in progress.values())
@@ -308,11 +404,10 @@ def run_group(plan: Plan, parts: list[Part], env: dict | None) -> dict[str, dict
     markers = {}
     for part in parts:
         p = progress[part.experiment]
-        markers[part.key] = p.writer.commit({
-            "fingerprint": part.fingerprint, "images": p.images, "model_evals": p.evals,
-            "seconds": round(p.compute_s, 3), **timing, "code_version": results.code_version()})
-        print(f"[experiment] {part.key}: {p.writer.rows} rows ({p.images} images, {p.evals} model evaluations, "
-              f"{p.compute_s:.1f} s of compute) -> {part.path}", flush=True)
+        markers[part.key] = commit(part, p, plan.source.num_images, timing)
+        failed = f", {p.failures} undecodable images in {results.FAILURES_TABLE}" if p.failures else ""
+        print(f"[experiment] {part.key}: {markers[part.key]['rows']} rows ({p.images} images{failed}, "
+              f"{p.evals} model evaluations, {p.compute_s:.1f} s of compute) -> {part.path}", flush=True)
     print(f"[experiment] {label}: {evals} model evaluations in {wall:.1f} s ({evals / max(wall, 1e-9):.1f}/s; "
           f"first results after {timing['startup_s']:.1f} s)", flush=True)
     return markers
@@ -338,39 +433,47 @@ class RunTotals:
         return self.model_evals / seconds if seconds else None
 
 
-def _write_manifest(plan: Plan, totals: RunTotals, wall: float) -> None:
+def _write_manifest(plan: Plan, totals: RunTotals, wall: float, reads: dict[str, int] | None) -> None:
+    """Publish the run from what is on storage: the parts whose files match their markers."""
     parts = results.completed_parts(plan.run_dir)
     rate = totals.evals_per_s
     results.write_manifest(plan.run_dir, {
         "run_id": plan.run_id, "complete": True, "experiments": plan.experiments,
         "created_at": results.now_iso(), "code_version": results.code_version(),
         "config": to_dict(plan.cfg), "rows_per_table": results.rows_per_table(parts),
-        "parts": {rel: {k: v for k, v in m.items() if k != "fingerprint"} for rel, m in parts.items()},
+        "parts": {rel: {k: v for k, v in m.items() if k not in ("fingerprint", "checks")} for rel, m in parts.items()},
         "timings": {"wall_s": round(wall, 3), "groups_s": totals.group_seconds, "model_evals": totals.model_evals,
                     "model_evals_per_s": round(rate, 3) if rate else None},
+        **({"reads": reads} if reads else {}),
     })
 
 
 def run_plan(plan: Plan) -> dict[str, Any]:
-    """Compute the plan's unfinished parts (one pass per model), then publish the run manifest.
+    """Compute the plan's unfinished parts (the images read once, one pass per model), then
+    publish the run manifest (withdrawn first when there is work to do).
 
-    Returns ``run_id``, ``run_dir``, ``rows`` per table, the part keys ``computed`` and
-    ``skipped``, ``wall_s``, ``model_evals`` and ``model_evals_per_s``. Raises
+    Returns ``run_id``, ``run_dir``, ``rows`` per table, ``failures`` (undecodable images per
+    part key), ``reads`` (the image read counts, when anything was computed), the part keys
+    ``computed`` and ``skipped``, ``wall_s``, ``model_evals`` and ``model_evals_per_s``. Raises
     :class:`ActorPoolTimeout` when a model's pool cannot be placed (finished parts are kept)."""
     start = time.perf_counter()
     cfg, todo, totals = plan.cfg, plan.todo, RunTotals()
+    reads = None
     for part in plan.parts:
         if part.marker is not None:
             print(f"[experiment] {part.key}: finished earlier ({part.marker['rows']} rows), skipped", flush=True)
     if todo:
         init_ray()
+        if results.withdraw_manifest(plan.run_dir):
+            print(f"[experiment] run {plan.run_id}: manifest withdrawn until this rerun finishes", flush=True)
         storage.write_text_atomic(storage.join(plan.run_dir, results.CONFIG_FILE), dump_yaml(cfg))
         print(f"[experiment] run {plan.run_id}: {len(todo)} of {len(plan.parts)} part(s) to compute on "
               f"{cfg.data.dataset}/{cfg.split} ({plan.source.num_images} images) -> {plan.run_dir}", flush=True)
         env = runtime_env(cfg)
+        images, reads = read_images(plan, env)
         for model, group in group_parts(todo).items():
             try:
-                totals.markers.update(run_group(plan, group, env))
+                totals.markers.update(run_group(plan, group, env, images))
             except GetTimeoutError as err:  # raised only with compute.wait_for_actors_s
                 c = cfg.compute
                 raise ActorPoolTimeout(
@@ -380,16 +483,22 @@ def run_plan(plan: Plan) -> dict[str, Any]:
                     f"(`ray status`). {len(totals.markers)} part(s) finished and are kept; a rerun resumes.") from err
     wall = time.perf_counter() - start
     if totals.markers or results.read_marker(plan.run_dir) is None:
-        _write_manifest(plan, totals, wall)
+        _write_manifest(plan, totals, wall, reads)
     rows: dict[str, int] = {}
+    failures: dict[str, int] = {}
     for part in plan.parts:
-        rows[part.table] = rows.get(part.table, 0) + (totals.markers.get(part.key) or part.marker)["rows"]
-    return {"run_id": plan.run_id, "run_dir": plan.run_dir, "rows": rows, "computed": sorted(totals.markers),
+        marker = totals.markers.get(part.key) or part.marker
+        rows[part.table] = rows.get(part.table, 0) + marker["rows"]
+        if marker.get("failures"):
+            failures[part.key] = marker["failures"]
+    return {"run_id": plan.run_id, "run_dir": plan.run_dir, "rows": rows, "failures": failures, "reads": reads,
+            "computed": sorted(totals.markers),
             "skipped": sorted(p.key for p in plan.parts if p.key not in totals.markers), "wall_s": wall,
             "model_evals": totals.model_evals, "model_evals_per_s": totals.evals_per_s}
 
 
 __all__ = [
-    "COLUMNS", "ActorPoolTimeout", "Part", "Plan", "parse_experiments", "helper_model_names", "make_plan",
-    "build_model", "ModelActor", "import_root", "runtime_env", "group_parts", "PartProgress", "run_group", "RunTotals", "run_plan",
+    "COLUMNS", "ActorPoolTimeout", "AccountingError", "Part", "Plan", "parse_experiments", "helper_model_names",
+    "make_plan", "finished_marker", "build_model", "ModelActor", "import_root", "runtime_env", "group_parts",
+    "PartProgress", "read_images", "commit", "run_group", "RunTotals", "run_plan",
 ]

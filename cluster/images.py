@@ -11,9 +11,11 @@ every other read the centre crop of :func:`bagnet.imagenet.eval_transform`.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import ray
 
 from bagnet.config import ConfigError
@@ -28,12 +30,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class ImageSource:
     """What a split holds, known before any Ray work: its size and classes, and for ImageNet the
-    files (``path``, ``label``, ``image_id``)."""
+    files as an Arrow table (``path``, ``label``, ``image_id``: compact, not Python objects)."""
 
     split: str
     num_images: int
     class_names: list[str]
-    items: list[dict] = field(default_factory=list)
+    files: pa.Table | None = None
 
     @property
     def num_classes(self) -> int:
@@ -56,44 +58,91 @@ def describe(cfg: DataConfig, split: str) -> ImageSource:
     except FileNotFoundError as err:
         raise ConfigError(f"data.root: {err}") from None
     prefix = storage.resolve(index.path).rstrip("/") + "/"
-    items = [{"path": p, "label": y, "image_id": f"{split}/{p.removeprefix(prefix)}"}
-             for p, y in pick_evenly(index.samples, cfg.limit)]
-    return ImageSource(split, len(items), list(index.classes), items)
+    picked = pick_evenly(index.samples, cfg.limit)
+    files = pa.table({"path": pa.array([p for p, _ in picked], pa.string()),
+                      "label": pa.array([y for _, y in picked], pa.int64()),
+                      "image_id": pa.array([f"{split}/{p.removeprefix(prefix)}" for p, _ in picked], pa.string())})
+    return ImageSource(split, files.num_rows, list(index.classes), files)
 
 
-def _synthetic_images(batch: dict[str, np.ndarray], *, seed: int, image_size: int, split: str) -> dict:
+def _synthetic_images(batch: dict[str, np.ndarray], *, seed: int, image_size: int, split: str,
+                      keep_failures: bool = False) -> dict:
     out = SyntheticWorld(seed=seed, image_size=image_size).batch(batch["id"].tolist(), split=split)
-    return {"image": out["image"], "label": out["label"], "image_id": out["image_id"]}
+    images = {"image": out["image"], "label": out["label"], "image_id": out["image_id"]}
+    if keep_failures:  # the columns of _imagenet_images: generated images never fail and read nothing
+        n = len(out["label"])
+        images.update(path=np.full(n, "", dtype=str), error=np.full(n, "", dtype=str), reads=np.zeros(n, np.int64))
+    return images
 
 
-def _imagenet_images(batch: dict[str, np.ndarray], *, size: int, resize: int, augment: bool) -> dict:
-    """Read, decode and transform; unreadable images are logged with their path and dropped."""
-    transform = train_transform(size) if augment else eval_transform(size, resize)
-    images, labels, ids = [], [], []
-    for path, label, image_id in zip(batch["path"], batch["label"], batch["image_id"]):
+READ_ATTEMPTS = 4  # reads of one file before an I/O error stops the job
+READ_BACKOFF_S = 0.5  # wait before the second attempt, doubled before each further one
+
+
+class ImageReadError(RuntimeError):
+    """An image file that could not be read after every retry: the job stops, naming it."""
+
+
+def read_with_retry(path: str) -> tuple[bytes, int]:
+    """The bytes of ``path`` and the attempts they took; an I/O error (``OSError``) is retried
+    up to ``READ_ATTEMPTS`` reads in all, with exponential backoff, then raises :class:`ImageReadError`."""
+    attempts, backoff_s = READ_ATTEMPTS, READ_BACKOFF_S
+    for attempt in range(1, attempts + 1):
         try:
-            rgb = decode_rgb(storage.read_bytes(str(path)), str(path))
-        except (ImageDecodeError, OSError) as err:
-            log.warning("skipping unreadable image %s: %s", path, err)
-            continue
-        images.append(np.asarray(transform(rgb), dtype=np.uint8))
+            return storage.read_bytes(path), attempt
+        except OSError as err:
+            if attempt == attempts:
+                raise ImageReadError(f"cannot read image {path} after {attempts} attempts ({type(err).__name__}: "
+                                     f"{err}); the job stops, finished parts are kept and a rerun resumes") from err
+            log.warning("reading %s failed (%s), retrying", path, err)
+            time.sleep(backoff_s * 2 ** (attempt - 1))
+    raise AssertionError("unreachable")
+
+
+def _imagenet_images(batch: dict[str, np.ndarray], *, size: int, resize: int, augment: bool,
+                     keep_failures: bool = False) -> dict:
+    """Read (I/O errors retried, see :func:`read_with_retry`), decode and transform. An image that
+    cannot be decoded is dropped with a log line, or with ``keep_failures`` kept as a row of zeros
+    whose ``error`` says why (``""`` for good images); ``reads`` is each row's read attempts."""
+    transform = train_transform(size) if augment else eval_transform(size, resize)
+    images, labels, ids, errors, reads = [], [], [], [], []
+    for path, label, image_id in zip(batch["path"], batch["label"], batch["image_id"]):
+        data, attempts = read_with_retry(str(path))
+        try:
+            rgb, error = decode_rgb(data, str(path)), ""
+        except ImageDecodeError as err:
+            if not keep_failures:
+                log.warning("skipping unreadable image %s: %s", path, err)
+                continue
+            rgb, error = np.zeros((size, size, 3), np.uint8), str(err)
+        images.append(rgb if error else np.asarray(transform(rgb), dtype=np.uint8))
         labels.append(int(label))
         ids.append(str(image_id))
-    return {"image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
-            "label": np.asarray(labels, np.int64), "image_id": np.asarray(ids, dtype=str)}
+        errors.append(error)
+        reads.append(attempts)
+    out = {"image": np.stack(images) if images else np.zeros((0, size, size, 3), np.uint8),
+           "label": np.asarray(labels, np.int64), "image_id": np.asarray(ids, dtype=str)}
+    if keep_failures:
+        out.update(path=np.asarray(batch["path"], dtype=str),  # no row was dropped
+                   error=np.asarray(errors, dtype=str), reads=np.asarray(reads, np.int64))
+    return out
 
 
 def image_dataset(cfg: DataConfig, source: ImageSource, *, augment: bool = False,
-                  runtime_env: dict | None = None) -> ray.data.Dataset:
+                  runtime_env: dict | None = None, keep_failures: bool = False) -> ray.data.Dataset:
     """Lazy Ray Dataset of ``source``'s images: ``image``, ``label``, ``image_id``. ImageNet images
-    get the random training transform with ``augment``, else the evaluation centre crop."""
+    get the random training transform with ``augment``, else the evaluation centre crop. With
+    ``keep_failures`` undecodable images stay as rows and every row has ``path``, ``error`` (""
+    when fine) and ``reads`` (read attempts), so the caller accounts for each listed image."""
     options = {"batch_size": cfg.read_batch_size, "num_cpus": cfg.num_cpus, "runtime_env": runtime_env}
     if cfg.dataset == "synthetic":
         return ray.data.range(source.num_images).map_batches(
-            _synthetic_images, fn_kwargs={"seed": cfg.seed, "image_size": cfg.image_size, "split": source.split},
+            _synthetic_images, fn_kwargs={"seed": cfg.seed, "image_size": cfg.image_size, "split": source.split,
+                                          "keep_failures": keep_failures},
             **options)
-    return ray.data.from_items(source.items).map_batches(
-        _imagenet_images, fn_kwargs={"size": cfg.image_size, "resize": cfg.eval_resize, "augment": augment},
+    return ray.data.from_arrow(source.files).map_batches(
+        _imagenet_images, fn_kwargs={"size": cfg.image_size, "resize": cfg.eval_resize, "augment": augment,
+                                     "keep_failures": keep_failures},
         **options)
 
 

@@ -24,6 +24,7 @@ from bagnet.config import ConfigError, load_config
 from bagnet.experiments import EXPERIMENTS
 from cluster import evaluation
 from cluster.configs import CONFIG_DIR, ExperimentJobConfig
+from cluster.images import ImageReadError
 
 DEFAULT_CONFIG = CONFIG_DIR / "experiments-synthetic.yaml"
 
@@ -44,6 +45,10 @@ def print_summary(run: dict[str, Any]) -> None:
     print(f"[experiment] run {run['run_id']} complete: {run['run_dir']}")
     for table, n in run["rows"].items():
         print(f"  {table}: {n} rows")
+    if run.get("reads"):
+        print(f"  images read and decoded once: {run['reads']['images']} ({run['reads']['reads']} file reads)")
+    for key, n in run.get("failures", {}).items():
+        print(f"  {key}: {n} undecodable image(s), listed in the failures table")
     rate = run["model_evals_per_s"]
     rate = f"{rate:.1f} model evaluations/s" if rate else "nothing computed"
     print(f"  {len(run['computed'])} part(s) computed, {len(run['skipped'])} skipped; wall {run['wall_s']:.1f} s; "
@@ -65,7 +70,7 @@ def run(cfg: ExperimentJobConfig, experiments: str, config_path: str | Path | No
     try:
         plan = evaluation.make_plan(cfg, evaluation.parse_experiments(experiments), config_path)
         summary = evaluation.run_plan(plan)
-    except (ConfigError, evaluation.ActorPoolTimeout) as err:
+    except (ConfigError, evaluation.ActorPoolTimeout, evaluation.AccountingError, ImageReadError) as err:
         raise SystemExit(f"error: {err}") from None
     print_summary(summary)
     return summary

@@ -9,24 +9,28 @@
   ``model.pt`` is beside them. ``metrics.parquet`` without ``config.yaml`` (a sweep's trial runs)
   is counted, not used.
 
-A run is complete when its manifest exists. Only the committed parts of a table are read (files
-beside a part marker), and a table is read from exactly one run, so two runs are never mixed.
+A run is complete when its manifest exists. Only the committed parts of a table are read (the
+files a part marker lists, each of the size it records), and a table is read from exactly one
+run, so two runs are never mixed. A part whose marker is unreadable or whose files are missing or
+resized is *damaged*: it is not read and ``Run.damaged`` names it. A training folder that cannot
+be read is listed in ``Catalog.unreadable`` with the reason, and the others are used.
 """
 
 from __future__ import annotations
 
 import posixpath
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import yaml
 
 from store import storage
-from store.results import CONFIG_FILE, MARKER, METRICS_FILE, MODEL_FILE
+from store.results import CONFIG_FILE, MARKER, METRICS_FILE, MODEL_FILE, MarkerError, marker_problem, read_marker
 from store.schemas import TUNE_FILE, TUNE_TABLE
 
 
@@ -41,7 +45,8 @@ class Run:
     config: dict[str, Any] | None  # the job config: the manifest's, else the run's config.yaml
     finished: float  # ordering key: the manifest's mtime, else the newest Parquet file's
     tables: dict[str, list[str]] = field(default_factory=dict)  # table -> Parquet files
-    uncommitted: set[str] = field(default_factory=set)  # files of parts without a part marker
+    uncommitted: set[str] = field(default_factory=set)  # files no part marker lists (or of damaged parts)
+    damaged: dict[str, str] = field(default_factory=dict)  # part folder -> what is wrong with it
 
     def matches(self, run_id: str) -> bool:
         """True when ``run_id`` is the folder's name or the manifest's ``run_id``."""
@@ -71,6 +76,12 @@ class Catalog:
     train_runs: list[TrainRun] = field(default_factory=list)
     unrecognised: list[str] = field(default_factory=list)  # Parquet files in no known layout
     stray_metrics: list[str] = field(default_factory=list)  # metrics.parquet without config.yaml
+    unreadable: dict[str, str] = field(default_factory=dict)  # training run folder -> why it was not read
+
+    @property
+    def empty(self) -> bool:
+        """True when nothing was found: no result run, no training run."""
+        return not self.runs and not self.train_runs
 
     def holds(self, table: str) -> bool:
         """True when some run, complete or not, has files of ``table``."""
@@ -161,10 +172,19 @@ def discover(roots: str | list[str]) -> Catalog:
         for folder, names in sorted(tree.folders.items()):
             if METRICS_FILE in names:
                 if CONFIG_FILE in names:
-                    catalog.train_runs.append(read_train_run(tree.full(folder), complete=MODEL_FILE in names))
+                    try:
+                        catalog.train_runs.append(read_train_run(tree.full(folder), complete=MODEL_FILE in names))
+                    except (ValueError, OSError, KeyError) as err:  # ArrowInvalid is a ValueError
+                        catalog.unreadable[tree.full(folder)] = f"{type(err).__name__}: {err}"
                 else:
                     catalog.stray_metrics.append(tree.full(folder))
                 continue
+            part_of = table_location(folder) if MARKER in names else None
+            listed = committed_files(tree.full(folder), names) if part_of else None
+            if isinstance(listed, str):  # damaged: named even when none of its files is left
+                run = runs.setdefault(tree.full(part_of[0]), tree.run(part_of[0]))
+                run.damaged[tree.full(folder)] = listed
+                run.tables.setdefault(part_of[1], [])
             for name, info in sorted(names.items()):
                 if not name.endswith(".parquet") or name.startswith((".", "_")):
                     continue
@@ -180,12 +200,23 @@ def discover(roots: str | list[str]) -> Catalog:
                 run.tables.setdefault(table, []).append(path)
                 if table == TUNE_TABLE:
                     run.complete = True  # written once, atomically, when the sweep ends
-                elif MARKER not in names:
+                elif listed is None or isinstance(listed, str) or name not in listed:
                     run.uncommitted.add(path)
                 if run.manifest is None:
                     run.finished = max(run.finished, info.mtime.timestamp())
     catalog.runs = list(runs.values())
     return catalog
+
+
+def committed_files(folder: str, names: dict[str, pafs.FileInfo]) -> set[str] | str:
+    """The file names the part marker in ``folder`` lists, when each is there with the size it
+    records; else what is wrong (naming the file)."""
+    try:
+        marker = read_marker(folder)
+    except MarkerError as err:
+        return str(err)
+    problem = marker_problem(marker, {name: info.size for name, info in names.items()})
+    return problem if problem else set(marker["files"])
 
 
 def partition_values(path: str) -> dict[str, str]:
@@ -199,22 +230,34 @@ def partition_values(path: str) -> dict[str, str]:
     return dict(reversed(values.items()))
 
 
-def _read_part(path: str) -> pa.Table:
-    table = storage.read_table(path)
-    for key, value in partition_values(path).items():
-        table = table.append_column(key, pa.array([value] * table.num_rows, pa.string()))
-    return table
-
-
-def read_table(run: Run, table: str) -> pa.Table | None:
-    """The committed files of ``table`` in ``run`` as one Arrow table (None when there are none);
-    the schema's metadata is the first file's."""
+def read_table(run: Run, table: str, columns: list[str] | None = None,
+               where: pads.Expression | None = None) -> pa.Table | None:
+    """The committed files of ``table`` in ``run`` as one Arrow table (None when there are none),
+    partition values as string columns; only ``columns`` (all by default) and the rows matching
+    ``where`` are read (pushed into the Parquet scan, so nothing else is held in memory). The
+    schema's metadata is the first file's."""
     files = run.committed(table)
     if not files:
         return None
-    with ThreadPoolExecutor(max_workers=min(8, len(files))) as pool:
-        parts = list(pool.map(_read_part, files))
-    return pa.concat_tables(parts)
+    fs, _ = storage.pyarrow_fs(files[0])
+    inner = [storage.pyarrow_fs(f)[1] for f in files]
+    keys = list(partition_values(files[0]))
+    schema = pq.read_schema(inner[0], filesystem=fs)
+    if keys:
+        schema = pa.schema([*(f for f in schema if f.name not in keys), *(pa.field(k, pa.string()) for k in keys)],
+                           metadata=schema.metadata)
+        base = inner[0]
+        for _ in keys:
+            base = posixpath.dirname(base)
+        partitioning = pads.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive")
+        dataset = pads.dataset(inner, schema=schema, filesystem=fs, partitioning=partitioning,
+                               partition_base_dir=posixpath.dirname(base))
+    else:
+        dataset = pads.dataset(inner, schema=schema, filesystem=fs)
+    try:
+        return dataset.to_table(columns=columns, filter=where).replace_schema_metadata(schema.metadata)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise ValueError(f"run {run.path}: table {table} cannot be read ({err})") from None
 
 
 def read_yaml(path: str) -> dict[str, Any]:
@@ -236,5 +279,5 @@ def read_train_run(path: str, complete: bool) -> TrainRun:
                     metrics=metrics.sort_values("epoch").reset_index(drop=True))
 
 
-__all__ = ["Run", "TrainRun", "Catalog", "discover", "read_manifest", "read_yaml",
+__all__ = ["Run", "TrainRun", "Catalog", "discover", "read_manifest", "read_yaml", "committed_files",
            "table_location", "partition_values", "read_table", "read_train_run"]

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import hashlib
 import io
 import posixpath
 import subprocess
+import uuid
 from collections.abc import Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -57,6 +59,12 @@ COMMON_SCHEMA = pa.schema([
     ("code_version", pa.string()),
 ])
 PARTITION_KEYS = ("experiment", "model")
+
+# The images an experiment part could not use, one row each, in the part
+# ``failures/experiment=<name>/model=<model>`` (the common columns, then these): ``stage`` is
+# where it failed (``decode``: the file is not a readable image).
+FAILURES_TABLE = "failures"
+FAILURES_SCHEMA = pa.schema([("path", pa.string()), ("error", pa.string()), ("stage", pa.string())])
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,6 +158,40 @@ def table_from_ipc(payload: bytes) -> pa.Table:
     return pa.ipc.open_stream(payload).read_all()
 
 
+def encode_parquet(table: pa.Table) -> bytes:
+    """``table`` as the bytes of one Parquet file."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def file_check(name: str, data: bytes, rows: int) -> dict[str, Any]:
+    """What a marker records of one file: ``name``, ``bytes``, ``rows`` and ``sha256``."""
+    return {"name": name, "bytes": len(data), "rows": rows, "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_part_file(part_path: str, table: pa.Table, name: str | None = None) -> dict[str, Any]:
+    """Write ``table`` as one Parquet file of the part at ``part_path`` (atomically; by any
+    process: a worker writes its own files) and return its :func:`file_check` for the marker.
+    ``name`` defaults to a unique ``part-<random>.parquet``, so concurrent writers never clash."""
+    name = name or f"part-{uuid.uuid4().hex[:16]}.parquet"
+    data = encode_parquet(table)
+    storage.write_bytes_atomic(storage.join(part_path, name), data)
+    return file_check(name, data, table.num_rows)
+
+
+def commit_part(part_path: str, files: Iterable[Mapping[str, Any]], info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Write the marker of the part at ``part_path`` after its ``files`` (:func:`write_part_file`
+    results): ``{"rows", "files" (names), "checks" (name -> bytes, rows, sha256), "committed_at",
+    **info}``. Only the files it lists belong to the part."""
+    files = sorted(files, key=lambda f: f["name"])
+    marker = {"rows": sum(int(f["rows"]) for f in files), "files": [f["name"] for f in files],
+              "checks": {f["name"]: {k: f[k] for k in ("bytes", "rows", "sha256")} for f in files},
+              "committed_at": now_iso(), **(info or {})}
+    storage.write_json_atomic(storage.join(part_path, MARKER), marker)
+    return marker
+
+
 class PartWriter:
     """Writes one part as ``part-NNNNN.parquet`` files of about ``max_file_bytes`` each (in
     memory), every file atomically; :meth:`commit` writes the marker last."""
@@ -157,10 +199,17 @@ class PartWriter:
     def __init__(self, part_path: str, max_file_bytes: int = 128 * 2**20) -> None:
         self.path = part_path
         self.max_file_bytes = max_file_bytes
-        self.files: list[str] = []
-        self.rows = 0
+        self.written: list[dict[str, Any]] = []
         self._buffer: list[pa.Table] = []
         self._buffered = 0
+
+    @property
+    def files(self) -> list[str]:
+        return [f["name"] for f in self.written]
+
+    @property
+    def rows(self) -> int:
+        return sum(f["rows"] for f in self.written)
 
     def write(self, table: pa.Table) -> None:
         if table.num_rows == 0:
@@ -174,20 +223,13 @@ class PartWriter:
         if not self._buffer:
             return
         table = pa.concat_tables(self._buffer)
-        name = f"part-{len(self.files):05d}.parquet"
-        buf = io.BytesIO()
-        pq.write_table(table, buf)
-        storage.write_bytes_atomic(storage.join(self.path, name), buf.getvalue())
-        self.files.append(name)
-        self.rows += table.num_rows
+        self.written.append(write_part_file(self.path, table, f"part-{len(self.written):05d}.parquet"))
         self._buffer, self._buffered = [], 0
 
     def commit(self, info: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Flush, then write the marker: ``{"rows", "files", "committed_at", **info}``."""
+        """Flush, then write the marker (:func:`commit_part`)."""
         self.flush()
-        marker = {"rows": self.rows, "files": list(self.files), "committed_at": now_iso(), **(info or {})}
-        storage.write_json_atomic(storage.join(self.path, MARKER), marker)
-        return marker
+        return commit_part(self.path, self.written, info)
 
 
 def first_difference(old: Any, new: Any, key: str = "") -> str | None:
@@ -218,10 +260,65 @@ def check_fingerprint(saved: Mapping[str, Any] | None, new: Mapping[str, Any], *
                             f"set {rename} to start a new run")
 
 
+class MarkerError(ValueError):
+    """A marker file that is not a JSON object; the message names the file."""
+
+
 def read_marker(path: str) -> dict[str, Any] | None:
-    """The marker of the part (or run) at ``path``, or None when it is unfinished."""
+    """The marker of the part (or run) at ``path``, or None when it is unfinished; a marker
+    that is not a JSON object raises :class:`MarkerError` naming the file."""
     marker = storage.join(path, MARKER)
-    return storage.read_json(marker) if storage.exists(marker) else None
+    if not storage.exists(marker):
+        return None
+    try:
+        data = storage.read_json(marker)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise MarkerError(f"{marker}: not a JSON marker ({err})") from None
+    if not isinstance(data, dict):
+        raise MarkerError(f"{marker}: not a JSON object but {type(data).__name__}")
+    return data
+
+
+def marker_problem(marker: Mapping[str, Any], sizes: Mapping[str, int]) -> str | None:
+    """What is wrong with a part, judged by its marker and the ``sizes`` of the files in its
+    folder (name -> bytes): a listed file missing or of another size than recorded; None when
+    every file the marker lists is there as written."""
+    files = marker.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return "its marker lists no files"
+    checks = marker.get("checks") or {}
+    for name in files:
+        if name not in sizes:
+            return f"{name} is missing"
+        want = (checks.get(name) or {}).get("bytes")
+        if want is not None and sizes[name] != want:
+            return f"{name} holds {sizes[name]} bytes, its marker says {want}"
+    return None
+
+
+def verify_part(path: str, marker: Mapping[str, Any], *, deep: bool = True) -> str | None:
+    """Check a finished part against its marker: every listed file present with the recorded
+    size and, with ``deep``, the recorded row count and sha256. Returns the first problem found
+    (naming the file), None when the part is whole."""
+    fs, inner = storage.pyarrow_fs(path)
+    infos = fs.get_file_info(pafs.FileSelector(inner.rstrip("/"), recursive=False, allow_not_found=True))
+    problem = marker_problem(marker, {i.base_name: i.size for i in infos if i.type == pafs.FileType.File})
+    if problem or not deep:
+        return problem
+    for name in marker["files"]:
+        check = (marker.get("checks") or {}).get(name)
+        if not check:
+            continue  # a marker written before checks were recorded: presence is all it says
+        data = storage.read_bytes(storage.join(path, name))
+        if hashlib.sha256(data).hexdigest() != check["sha256"]:
+            return f"{name} does not match the checksum in its marker"
+        try:
+            rows = pq.ParquetFile(io.BytesIO(data)).metadata.num_rows
+        except (pa.ArrowInvalid, OSError) as err:
+            return f"{name} is not a readable Parquet file ({err})"
+        if rows != check["rows"]:
+            return f"{name} holds {rows} rows, its marker says {check['rows']}"
+    return None
 
 
 def discard(path: str) -> bool:
@@ -232,22 +329,44 @@ def discard(path: str) -> bool:
     return True
 
 
-def completed_parts(run_dir: str) -> dict[str, dict[str, Any]]:
-    """Markers of every finished part under ``run_dir``, keyed by the part's path relative to
-    it (``"<table>/k1=v1/k2=v2"``)."""
+def completed_parts(run_dir: str, problems: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Markers of every finished part under ``run_dir`` whose listed files are all there with
+    their recorded sizes, keyed by the part's path relative to it (``"<table>/k1=v1/k2=v2"``).
+    A damaged part (bad marker, missing or resized file) is left out and, with ``problems``,
+    recorded there by that key."""
     fs, inner = storage.pyarrow_fs(run_dir)
     inner = inner.rstrip("/")
     if fs.get_file_info(inner).type != pafs.FileType.Directory:
         return {}
-    found: dict[str, dict[str, Any]] = {}
+    folders: dict[str, dict[str, int]] = {}
     for info in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
-        if info.type != pafs.FileType.File or info.base_name != MARKER:
-            continue
-        rel = posixpath.dirname(info.path[len(inner):].strip("/"))  # <table>/k1=v1/...
-        if "/" not in rel or rel.startswith(("_", ".")):
-            continue  # the run manifest itself, or a marker outside <table>/<partitions>
-        found[rel] = storage.read_json(storage.join(run_dir, rel, MARKER))
+        if info.type == pafs.FileType.File:
+            rel = posixpath.dirname(info.path[len(inner):].strip("/"))
+            folders.setdefault(rel, {})[info.base_name] = info.size
+    found: dict[str, dict[str, Any]] = {}
+    for rel, sizes in folders.items():  # rel: <table>/k1=v1/...
+        if MARKER not in sizes or "/" not in rel or rel.startswith(("_", ".")):
+            continue  # no marker, the run manifest itself, or a marker outside <table>/<partitions>
+        try:
+            marker = read_marker(storage.join(run_dir, rel))
+            problem = marker_problem(marker, sizes)
+        except MarkerError as err:
+            problem = str(err)
+        if problem is None:
+            found[rel] = marker
+        elif problems is not None:
+            problems[rel] = problem
     return dict(sorted(found.items()))
+
+
+def withdraw_manifest(run_dir: str) -> bool:
+    """Delete the run manifest (a rerun with work to do, before it touches any part, so no
+    manifest describes a run being rewritten); True if there was one."""
+    manifest = storage.join(run_dir, MARKER)
+    if not storage.exists(manifest):
+        return False
+    storage.delete(manifest)
+    return True
 
 
 def write_manifest(run_dir: str, manifest: Mapping[str, Any]) -> None:
@@ -275,5 +394,7 @@ def utc_now() -> dt.datetime:
 __all__ = [
     "MARKER", "CONFIG_FILE", "COMMON_SCHEMA", "PARTITION_KEYS", "code_version", "part_dir",
     "SchemaError", "table_schema", "rows_to_table", "PartWriter", "read_marker", "discard", "completed_parts", "write_manifest",
+    "encode_parquet", "file_check", "write_part_file", "commit_part", "MarkerError", "marker_problem", "verify_part",
+    "withdraw_manifest", "FAILURES_TABLE", "FAILURES_SCHEMA",
     "rows_per_table", "now_iso", "utc_now", "first_difference", "RerunMismatch", "check_fingerprint",
 ]

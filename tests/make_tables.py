@@ -31,6 +31,7 @@ import pandas as pd
 from analysis.report import build_report
 from bagnet.config import dump_yaml, to_dict
 from bagnet.experiments import EXPERIMENTS
+from bagnet.experiments import heatmaps as heatmap_experiment
 from bagnet.models import create_model, model_bytes, model_q
 from bagnet.training import OptimConfig
 from cluster import sweep as sweeps
@@ -135,7 +136,8 @@ def heatmaps(models: Sequence[str] = ("bagnet9_small", "bagnet33_small"), n: int
             rows.append({"model": m, "image_id": image_id, "label": i % NUM_CLASSES, "target": i % NUM_CLASSES,
                          "height": side, "width": side, "values": values.ravel(),
                          "resolution": "coarse" if side == 7 else "full",
-                         "stride": 8 if side == 7 else 1, "origin": 4 if side == 7 else 0})
+                         "stride": 8 if side == 7 else 1, "origin": 4 if side == 7 else 0,
+                         **heatmap_experiment.summarize(values)})
     return pd.DataFrame(rows)
 
 

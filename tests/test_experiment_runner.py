@@ -5,6 +5,7 @@ import io
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from types import ModuleType
 
@@ -234,22 +235,30 @@ def test_part_writer_layout_reads_back_with_pandas_and_pyarrow(tmp_path):
 
 def _batch(n: int = 6) -> dict[str, np.ndarray]:
     b = SyntheticWorld(seed=0, image_size=64).batch(range(n), split="test")
-    return {"image": b["image"], "label": b["label"], "image_id": np.asarray(b["image_id"])}
+    return {"image": b["image"], "label": b["label"], "image_id": np.asarray(b["image_id"]),
+            "path": np.full(n, ""), "error": np.full(n, ""), "reads": np.zeros(n, np.int64)}
 
 
-def _actor(experiments: dict[str, dict], *, fast: bool = False, modules=()) -> evaluation.ModelActor:
+def _actor(experiments: dict[str, dict], *, fast: bool = False, modules=(), out: Path | None = None) -> evaluation.ModelActor:
     model = ModelConfig(name="bagnet9_small")
     params = {name: from_dict(EXPERIMENTS[name].Params, raw) for name, raw in experiments.items()}
+    out = out or Path(tempfile.mkdtemp())
+    paths = {name: (str(out / name), str(out / f"{name}-failures")) for name in experiments}
     return evaluation.ModelActor(experiments=params, model=model, helpers={"bagnet": model}, modules=list(modules),
                                  num_classes=10, use_gpu=False, precision="fp32", seed=0, forward_batch_size=8,
-                                 common=_common(q=9), fast=fast, torch_threads=1)
+                                 common=_common(q=9), paths=paths, fast=fast, torch_threads=1)
 
 
 def _actor_rows(fast: bool, experiments: dict[str, dict], batch: dict) -> tuple[dict, dict[str, pd.DataFrame]]:
-    out = _actor(experiments, fast=fast)(batch)
+    actor = _actor(experiments, fast=fast)
+    out = actor(batch)
     assert set(out) == set(evaluation.COLUMNS) and all(len(v) == len(experiments) for v in out.values())
-    return out, {name: results.table_from_ipc(payload).to_pandas()
-                 for name, payload in zip(out[evaluation.COL_EXPERIMENT], out[evaluation.COL_ROWS])}
+    tables = {}
+    for name, file in zip(out[evaluation.COL_EXPERIMENT], out[evaluation.COL_FILE]):
+        check = json.loads(file)
+        tables[name] = pq.read_table(os.path.join(actor.paths[name][0], check["name"])).to_pandas()
+        assert len(tables[name]) == check["rows"]
+    return out, tables
 
 
 def test_model_actor_runs_every_experiment_of_its_model_and_the_fast_path_agrees():
@@ -439,8 +448,9 @@ def test_predictions_end_to_end_rerun_and_resume(ray_session, tmp_path, capsys):
 
     # an interrupted run: one part lost its marker and holds a stray file; the manifest is gone
     b9_dir = table_dir / "experiment=predictions" / "model=bagnet9_small"
+    first_file = json.loads((b9_dir / "_SUCCESS").read_text())["files"][0]
     (b9_dir / "_SUCCESS").unlink()
-    (b9_dir / "part-00009.parquet").write_bytes((b9_dir / "part-00000.parquet").read_bytes())
+    (b9_dir / "part-00009.parquet").write_bytes((b9_dir / first_file).read_bytes())
     (run_dir / "_SUCCESS").unlink()
     resumed = run_job(out, models=models)
     assert resumed["computed"] == ["predictions/bagnet9_small"] and resumed["skipped"] == ["predictions/resnet_small"]
@@ -483,7 +493,8 @@ def test_predictions_from_s3_to_s3(ray_session, s3_server, s3_bucket, tmp_path):
     assert (class_of_id == df["label"]).all() and df["image_id"].str.startswith("val/").all()
     assert not df["image_id"].str.contains("corrupt").any()
     manifest = storage.read_json(f"{output}/s3run/_SUCCESS")
-    assert manifest["rows_per_table"] == {"predictions": n}
+    assert manifest["rows_per_table"] == {"predictions": n, "failures": 1}  # the corrupt file, recorded
+    assert summary["failures"] == {"predictions/bagnet9_small": 1}
     assert storage.exists(f"{output}/s3run/config.yaml")
     assert os.environ["AWS_ENDPOINT_URL"] == s3_server
 

@@ -21,7 +21,7 @@ def test_unreadable_images_are_logged_and_dropped(tmp_path, caplog):
                                                   f"data.root={tmp_path}", "data.image_size=56", "data.resize=64"])
     source = images.describe(cfg.data, cfg.split)
     assert source.num_images == n + 1 and source.class_names == world.class_names
-    batch = {k: np.array([it[k] for it in source.items]) for k in ("path", "label", "image_id")}
+    batch = {k: source.files[k].to_numpy(zero_copy_only=False) for k in ("path", "label", "image_id")}
     out = images._imagenet_images(batch, size=56, resize=64, augment=False)
     assert out["image"].shape == (n, 56, 56, 3) and out["image"].dtype == np.uint8
     assert "val/local0/broken.png" not in out["image_id"].tolist() and "val/local0/000000.png" in out["image_id"]
@@ -61,6 +61,6 @@ def test_limit_gives_training_and_experiments_the_same_images(ray_session, tmp_p
     per_class = np.bincount([r["label"] for r in evaluated], minlength=world.num_classes)
     assert per_class.min() >= 1 and per_class.max() - per_class.min() <= 1  # every class keeps its share
     ids = [str(r["image_id"]) for r in evaluated]
-    assert sorted(ids) == sorted(item["image_id"] for item in source.items) and len(set(ids)) == limit
+    assert sorted(ids) == sorted(source.files["image_id"].to_pylist()) and len(set(ids)) == limit
     assert all(i.startswith("val/") for i in ids)
     assert trained_on.train_size == limit  # the same rule for training's own split

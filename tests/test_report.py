@@ -198,13 +198,11 @@ def test_run_id_and_missing_tables(built, tmp_path, capsys):
     assert index == out / "index.html" and (out / "figures" / "accuracy.png").exists()
 
 
-def test_empty_results_have_only_the_runs_section(tmp_path):
+def test_a_report_on_an_empty_folder_fails(tmp_path):
     (tmp_path / "results").mkdir()
-    index = R.build_report(str(tmp_path / "results"), str(tmp_path / "out"))
-    md = (index.parent / "report.md").read_text()
-    assert md.count("## ") == 1 and md.count("> **missing:**") == 1 and "no result tables found" in md
-    assert f"Registered experiments without a table under these paths: {', '.join(EXPERIMENTS)}." in md
-    assert "<img" not in index.read_text()
+    with pytest.raises(SystemExit, match="no result runs or training runs under .*results: nothing to report"):
+        R.main(["--results", str(tmp_path / "results"), "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit, match="results path not found"):
         R.main(["--results", str(tmp_path / "nope")])
 

@@ -2,8 +2,11 @@
 ``CustomSection("heatmaps")``): a gallery of true-class maps for one image per class, each
 BagNet's best patches per class and a table of where each class's evidence peaks.
 
-Every map is placed by its row's ``stride`` and ``origin``; synthetic images are regenerated
-from the world of the run's job config (``config["data"]``)."""
+Every map is placed by its row's ``stride`` and ``origin``. The table is read without its maps
+(the heatmap experiment's summary columns give every peak); the full maps are read only for the
+images the gallery shows. Synthetic images are regenerated from the world of the run's job config
+(``config["data"]``); ImageNet images are read back from its ``data.root`` (local or ``s3://``)
+and given the evaluation crop the maps were computed on."""
 
 from __future__ import annotations
 
@@ -12,17 +15,23 @@ from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
+import pyarrow.dataset as pads
 
 from analysis import figures
-from analysis.builder import Builder, model_order, run_world
+from analysis.builder import Builder, model_order, prepare, run_world
 from analysis.html import Figure, Section, Table
 from bagnet.experiments import heatmaps
+from bagnet.imagenet import decode_rgb, eval_transform
 from bagnet.plots import Heat, TopPatch, crop_patch, heatmap_grid_png, top_patches_png
 from bagnet.synthetic import SyntheticWorld
+from store import results, storage
+from store.catalog import Run
 
 GALLERY_MODELS = 4
 GALLERY_IMAGES = 8
 PATCHES_PER_CLASS = 4
+MAP_COLUMN = "values"  # the full maps: read only for the images shown
+SUMMARY_COLUMNS = [c for c in results.table_schema(heatmaps.SCHEMA).names if c != MAP_COLUMN] + list(results.PARTITION_KEYS)
 
 
 def heat_of(row: pd.Series) -> Heat:
@@ -31,18 +40,35 @@ def heat_of(row: pd.Series) -> Heat:
     return Heat(values, int(row["stride"]), float(row["origin"]))
 
 
-def image_source(world: SyntheticWorld | None) -> Callable[[str], np.ndarray] | None:
-    """``image_id -> H x W x 3`` uint8 regenerated from ``world`` (cached), or None without one."""
-    if world is None:
+def image_source(world: SyntheticWorld | None, run: Run | None = None) -> Callable[[str], np.ndarray] | None:
+    """``image_id -> H x W x 3`` uint8 (cached): regenerated from ``world``, else for an ImageNet
+    run read from its ``data.root`` with the evaluation crop; None when neither is possible."""
+    data = (run.config or {}).get("data", {}) if run is not None else {}
+    if world is None and not (data.get("dataset") == "imagenet" and data.get("root")):
         return None
     cache: dict[str, np.ndarray] = {}
 
     def image(image_id: str) -> np.ndarray:
         if image_id not in cache:
-            split, index = world.parse_image_id(image_id)
-            cache[image_id] = world.sample(index, split).image
+            if world is not None:
+                split, index = world.parse_image_id(image_id)
+                cache[image_id] = world.sample(index, split).image
+            else:
+                path = storage.join(storage.resolve(data["root"]), image_id)
+                size = int(data["image_size"])
+                crop = eval_transform(size, data.get("resize") or round(size * 8 / 7))
+                cache[image_id] = crop(decode_rgb(storage.read_bytes(path), path))
         return cache[image_id]
     return image
+
+
+def full_maps(builder: Builder, image_ids: list[str]) -> pd.DataFrame:
+    """The rows, maps included, of ``image_ids`` (only these are read), models named as the
+    section's rows are (:func:`analysis.builder.prepare`)."""
+    rows = builder.rows(heatmaps.TABLE, pads.field("image_id").isin(image_ids))
+    rows = prepare(rows)
+    own = rows[rows["target"] == rows["label"]]
+    return own if len(own) else rows
 
 
 def gallery(builder: Builder, df: pd.DataFrame, order: list[str], class_name: Callable[[int], str],
@@ -53,7 +79,7 @@ def gallery(builder: Builder, df: pd.DataFrame, order: list[str], class_name: Ca
     pool = df[df["image_id"].isin(common)] if common else df[df["model"] == shown[0]]
     picked = pool.sort_values("image_id").drop_duplicates("label").sort_values("label").head(GALLERY_IMAGES)
     ids, labels = picked["image_id"].tolist(), picked["label"].tolist()
-    first = df.drop_duplicates(["model", "image_id"]).set_index(["model", "image_id"])
+    first = full_maps(builder, ids).drop_duplicates(["model", "image_id"]).set_index(["model", "image_id"])
     rows = [[heat_of(first.loc[(m, i)]) if (m, i) in first.index else None for i in ids] for m in shown]
     png = heatmap_grid_png([image_of(i) for i in ids] if image_of else None, rows, [class_name(y) for y in labels],
                            row_labels=shown, cell=1.25, dpi=figures.DPI)
@@ -68,10 +94,9 @@ def peaks(df: pd.DataFrame, model: str, class_name: Callable[[int], str],
     sub = df[df["model"] == model]
     q = sub["q"].iloc[0]
     by_class: dict[int, list[tuple[float, int, pd.Series, int, int]]] = {}
-    for index, row in sub.iterrows():
-        heat = heat_of(row)
-        y, x = np.unravel_index(int(np.nanargmax(heat.values)), heat.values.shape)
-        by_class.setdefault(int(row["label"]), []).append((float(heat.values[y, x]), index, row, int(y), int(x)))
+    for index, row in sub.iterrows():  # the producer's summary of each map: no map is read
+        y, x = int(row["peak_i"]), int(row["peak_j"])
+        by_class.setdefault(int(row["label"]), []).append((float(row["peak_value"]), index, row, y, x))
     table: list[dict] = []
     patches: dict[int, list[TopPatch]] = {}
     for label, found in sorted(by_class.items()):
@@ -93,15 +118,17 @@ def peaks(df: pd.DataFrame, model: str, class_name: Callable[[int], str],
 
 
 def section(builder: Builder) -> Section:
-    sec, df = builder.table_section("Heatmaps and the most informative patches", "heatmaps", heatmaps.TABLE)
+    sec, df = builder.table_section("Heatmaps and the most informative patches", "heatmaps", heatmaps.TABLE,
+                                    columns=SUMMARY_COLUMNS)
     if df is None:
         return sec
-    world = run_world(builder.load(heatmaps.TABLE).run)
+    run = builder.load(heatmaps.TABLE).run
+    world = run_world(run)
     own = df[df["target"] == df["label"]]
     df = (own if len(own) else df).reset_index(drop=True)
     order = model_order(df)
     names = world.class_names if world is not None else None
-    image_of = image_source(world)
+    image_of = image_source(world, run)
 
     def class_name(label: int) -> str:
         return names[int(label)] if names else f"class {int(label)}"
@@ -109,6 +136,8 @@ def section(builder: Builder) -> Section:
     sec.blocks.append(gallery(builder, df, order, class_name, image_of))
     if world is not None:
         sec.blocks.append(f"Images regenerated from SyntheticWorld(seed={world.seed}, image_size={world.image_size}).")
+    elif image_of is not None:
+        sec.blocks.append(f"Images read from {run.config['data']['root']} (the evaluation crop the maps were computed on).")
     else:
         sec.blocks.append("Image pixels are not available for this dataset: patches are listed by location only.")
     rows = []

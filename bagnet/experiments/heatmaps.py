@@ -4,7 +4,11 @@ One row per (image, target class): ``target``, ``height``, ``width``, ``values``
 row-major, ``height * width``), ``resolution`` ("full" or "coarse"), ``stride`` and ``origin``
 (entry ``(i, j)`` is the patch centred on image pixel ``(origin + stride*i, origin + stride*j)``:
 ``1, 0`` for full-resolution maps, ``model.stride, offset + (q-1)/2`` for coarse ones), plus
-``image_id`` and ``label``. The report draws them (``analysis/sections/heatmaps.py``).
+``image_id`` and ``label``. Each row also carries its map's summary (:func:`summarize`), so
+readers that need no full map read a few numbers per image: ``peak_i``, ``peak_j`` (the map entry
+of the maximum, row and column), ``peak_value`` and ``top_evidence`` (the mean of the map's
+largest 1% of entries, at least one: the evidence in the most informative patches). The report
+draws them (``analysis/sections/heatmaps.py``) and reads full maps only for the images it shows.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import torch
 from torch import Tensor, nn
@@ -30,7 +35,12 @@ SCHEMA = pa.schema([
     ("resolution", pa.string()),
     ("stride", pa.int64()),
     ("origin", pa.int64()),
+    ("peak_i", pa.int64()),
+    ("peak_j", pa.int64()),
+    ("peak_value", pa.float32()),
+    ("top_evidence", pa.float32()),
 ])
+TOP_FRACTION = 0.01  # share of a map's entries whose mean is its ``top_evidence``
 REPORT = CustomSection("heatmaps")  # galleries over the images and the most informative patches
 
 
@@ -59,6 +69,16 @@ class Params:
             require(len(self.targets) > 0 and min(self.targets) >= 0, "targets",
                     f"{self.targets!r}: expected a non-empty list of class indices >= 0")
         require(self.max_pixels >= 64, "max_pixels", f"{self.max_pixels} is below 64")
+
+
+def summarize(values: np.ndarray) -> dict:
+    """The summary columns of one map (``height x width``): ``peak_i``, ``peak_j``,
+    ``peak_value``, ``top_evidence`` (NaN entries ignored)."""
+    flat = np.nan_to_num(np.asarray(values, np.float32).ravel(), nan=-np.inf)
+    i, j = np.unravel_index(int(np.argmax(flat)), np.shape(values))
+    k = max(1, int(round(flat.size * TOP_FRACTION)))
+    top = np.partition(flat, flat.size - k)[flat.size - k:]
+    return {"peak_i": int(i), "peak_j": int(j), "peak_value": float(flat.max()), "top_evidence": float(top.mean())}
 
 
 def _targets(model: nn.Module, images: Tensor, labels: Tensor, params: Params,
@@ -94,6 +114,6 @@ def run(model: nn.Module, images: Tensor, labels: Tensor, params: Params, *,
     return [
         {"image_id": ctx.image_ids[i], "label": int(y), "target": int(targets_list[i][k]),
          "height": height, "width": width, "values": maps[i, k].reshape(-1).copy(),
-         "resolution": params.resolution, "stride": stride, "origin": origin}
+         "resolution": params.resolution, "stride": stride, "origin": origin, **summarize(maps[i, k])}
         for i, y in enumerate(labels.cpu().tolist()) for k in range(maps.shape[1])
     ]
