@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 
 from bagnet.config import ConfigError
-from bagnet.imagenet import ImageDecodeError, ImageFolderIndex, decode_rgb, eval_transform, train_transform
+from bagnet.imagenet import IMAGE_EXTENSIONS, ImageDecodeError, decode_rgb, eval_transform, train_transform
 from bagnet.synthetic import SyntheticWorld
 from cluster.configs import DataConfig
-from store import storage
+from store import results, storage
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +57,44 @@ def describe(cfg: DataConfig, split: str) -> ImageSource:
     if cfg.dataset == "synthetic":
         return ImageSource(split, cfg.synthetic_size(split), cfg.world().class_names)
     try:
-        index = ImageFolderIndex(storage.resolve(cfg.root), split)
+        classes, files = list_split(storage.resolve(cfg.root), split)
     except FileNotFoundError as err:
         raise ConfigError(f"data.root: {err}") from None
-    prefix = storage.resolve(index.path).rstrip("/") + "/"
-    picked = pick_evenly(index.samples, cfg.limit)
-    files = pa.table({"path": pa.array([p for p, _ in picked], pa.string()),
-                      "label": pa.array([y for _, y in picked], pa.int64()),
-                      "image_id": pa.array([f"{split}/{p.removeprefix(prefix)}" for p, _ in picked], pa.string())})
-    return ImageSource(split, files.num_rows, list(index.classes), files)
+    if cfg.limit and cfg.limit < files.num_rows:
+        files = files.take(np.linspace(0, files.num_rows - 1, cfg.limit).round().astype(int))  # as pick_evenly
+    return ImageSource(split, files.num_rows, classes, files)
+
+
+LIST_THREADS = 32  # class folders listed at once (S3 lists 1,000 keys a request)
+
+
+def list_split(root: str, split: str) -> tuple[list[str], pa.Table]:
+    """The class names and files (``path``, ``label``, ``image_id``) of ``root/<split>/<class>/...``
+    in :class:`bagnet.imagenet.ImageFolderIndex`'s order and with its rules, the class folders
+    listed in parallel and the files kept as Arrow columns, not Python objects. Raises
+    ``FileNotFoundError`` as the index does (missing root or split, no class folder, an empty one)."""
+    path = storage.join(root, split)
+    if not storage.is_dir(path):
+        what, missing = ("split folder", path) if storage.is_dir(root) else ("root", root)
+        raise FileNotFoundError(f"ImageNet {what} not found: {missing}")
+    classes = [name for name, is_dir in storage.list_dir(path) if is_dir]
+    if not classes:
+        raise FileNotFoundError(f"no class folders in {path}")
+    prefix = storage.resolve(path).rstrip("/") + "/"
+
+    def images_of(name: str) -> pa.Array:
+        return pa.array(sorted(p for p in storage.walk_files(storage.join(path, name))
+                               if p.lower().endswith(IMAGE_EXTENSIONS)), pa.string())
+
+    with ThreadPoolExecutor(max_workers=min(LIST_THREADS, len(classes))) as pool:
+        per_class = list(pool.map(images_of, classes))
+    if empty := [c for c, files in zip(classes, per_class) if len(files) == 0]:
+        shown = ", ".join(f"{path}/{c}" for c in empty[:5])
+        raise FileNotFoundError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) in {len(empty)} class folder(s): {shown}")
+    paths = pa.chunked_array(per_class, pa.string())
+    labels = pa.chunked_array([pa.array(np.full(len(f), y, np.int64)) for y, f in enumerate(per_class)])
+    ids = pc.binary_join_element_wise(pa.scalar(f"{split}/"), pc.utf8_slice_codeunits(paths, len(prefix)), "")
+    return classes, pa.table({"path": paths, "label": labels, "image_id": ids})
 
 
 def _synthetic_images(batch: dict[str, np.ndarray], *, seed: int, image_size: int, split: str,
@@ -164,11 +196,40 @@ def check_paths(cfg: DataConfig) -> None:
                 raise ConfigError(f"data.root: split folder not found: {path}")
 
 
-def train_datasets(cfg: DataConfig) -> TrainData:
+SKIPPED_PREFIX = "_skipped-"  # a training run's records of the images it skipped (one file per batch)
+
+
+def _drop_failures(batch: dict[str, np.ndarray], *, record_to: str | None) -> dict[str, np.ndarray]:
+    """Training's images without the undecodable ones, each logged and, with ``record_to`` (a
+    training run folder), written there as ``_skipped-*.parquet`` (path, image_id, label, error)."""
+    failed = np.asarray([bool(e) for e in batch["error"]], dtype=bool)
+    if failed.any():
+        rows = {k: batch[k][failed].tolist() for k in ("path", "image_id", "label", "error")}
+        for path, error in zip(rows["path"], rows["error"]):
+            log.warning("skipping unreadable image %s: %s", path, error)
+        if record_to:
+            name = f"{SKIPPED_PREFIX}{uuid.uuid4().hex[:16]}.parquet"
+            results.write_part_file(record_to, pa.table(rows), name)
+    return {"image": batch["image"][~failed], "label": batch["label"][~failed]}
+
+
+def skipped_images(run_dir: str) -> pa.Table:
+    """The images a training run skipped (each once, though every epoch meets it again)."""
+    names = [n for n, is_dir in storage.list_dir(run_dir) if not is_dir and n.startswith(SKIPPED_PREFIX)]
+    if not names:
+        return pa.table({"path": pa.array([], pa.string()), "error": pa.array([], pa.string())})
+    table = pa.concat_tables([storage.read_table(storage.join(run_dir, n)).select(["path", "error"]) for n in names])
+    return table.group_by("path").aggregate([("error", "max")]).rename_columns(["path", "error"])
+
+
+def train_datasets(cfg: DataConfig, skipped_to: str | None = None) -> TrainData:
     """The ``train`` and ``val`` splits as lazy Ray Datasets of ``image`` and ``label`` (the
-    tensor columns Ray Train iterates) for Ray Train."""
+    tensor columns Ray Train iterates) for Ray Train. Undecodable images are left out, logged and,
+    with ``skipped_to`` (the training run folder), recorded there (:func:`skipped_images`)."""
     train, val = describe(cfg, "train"), describe(cfg, "val")
-    columns = ["image", "label"]
-    return TrainData(image_dataset(cfg, train, augment=True).select_columns(columns),
-                     image_dataset(cfg, val).select_columns(columns),
-                     train.num_classes, train.class_names, train.num_images)
+
+    def usable(source: ImageSource, augment: bool) -> ray.data.Dataset:
+        return image_dataset(cfg, source, augment=augment, keep_failures=True).map_batches(
+            _drop_failures, fn_kwargs={"record_to": skipped_to}, batch_size=None, batch_format="numpy")
+
+    return TrainData(usable(train, True), usable(val, False), train.num_classes, train.class_names, train.num_images)

@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # `python jobs/train.py` from a checkout
 from bagnet.config import ConfigError, load_config
 from cluster import training
 from cluster.configs import CONFIG_DIR, TrainJobConfig
-from cluster.images import check_paths, train_datasets
+from cluster.images import check_paths, skipped_images, train_datasets
 from cluster.ray_env import init_ray
 
 DEFAULT_CONFIG = CONFIG_DIR / "synthetic.yaml"
@@ -63,7 +63,7 @@ def train(cfg: TrainJobConfig, name: str) -> dict:
         return {"run_dir": run_dir, "skipped": True}
 
     init_ray()
-    data = train_datasets(cfg.data)
+    data = train_datasets(cfg.data, skipped_to=run_dir)
     print(f"training {cfg.model.name} on {cfg.data.dataset} ({data.num_classes} classes) with "
           f"{cfg.scaling.num_workers} worker(s); run dir {run_dir}", flush=True)
     try:
@@ -76,8 +76,11 @@ def train(cfg: TrainJobConfig, name: str) -> dict:
     if cfg.data.dataset == "synthetic":
         by_kind = cfg.data.world().kind_accuracy(last["val_top1_per_class"])
         print("val top-1 by class kind: " + ", ".join(f"{kind} {acc:.3f}" for kind, acc in by_kind.items()))
+    if (skipped := skipped_images(run_dir).num_rows):
+        print(f"{skipped} undecodable image(s) skipped, listed in {run_dir}/_skipped-*.parquet")
     print(f"checkpoints: {result.checkpoints}\nmetrics:     {result.metrics_path}\nmodel:       {result.model_path}")
-    return {"run_dir": run_dir, "model": result.model_path, "metrics": result.metrics, "skipped": False}
+    return {"run_dir": run_dir, "model": result.model_path, "metrics": result.metrics, "skipped": False,
+            "skipped_images": skipped}
 
 
 if __name__ == "__main__":

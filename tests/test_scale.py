@@ -12,6 +12,7 @@ import pytest
 
 from analysis import report as R
 from bagnet.experiments import heatmaps as heatmap_experiment
+from bagnet.imagenet import ImageFolderIndex
 from bagnet.synthetic import SyntheticWorld, materialize
 from cluster import evaluation, images
 from cluster.configs import ExperimentJobConfig
@@ -246,3 +247,36 @@ def test_failures_on_s3(ray_session, s3_server, s3_bucket):
     assert summary["rows"] == {"predictions": n} and summary["failures"] == {"predictions/resnet_small": 2}
     table = catalog.read_table(next(r for r in catalog.discover(output).runs), results.FAILURES_TABLE)
     assert sorted(table["path"].to_pylist()) == sorted(bad)
+
+
+def test_training_records_the_images_it_skips_once(tmp_path):
+    cfg, source, world = _listing(tmp_path)
+    bad = _bad_files(str(tmp_path / "inet"), world)
+    source = images.describe(cfg.data, cfg.split)
+    batch = {k: source.files[k].to_numpy(zero_copy_only=False) for k in ("path", "label", "image_id")}
+    decoded = images._imagenet_images(batch, size=56, resize=64, augment=True, keep_failures=True)
+    run_dir = str(tmp_path / "train-run")
+    for _ in range(2):  # two epochs meet the same files
+        kept = images._drop_failures(decoded, record_to=run_dir)
+    assert len(kept["label"]) == source.num_images - 2 and set(kept) == {"image", "label"}
+    skipped = images.skipped_images(run_dir)
+    assert sorted(skipped["path"].to_pylist()) == sorted(bad)
+    assert all("cannot decode image" in e for e in skipped["error"].to_pylist())
+    assert not catalog.discover(str(tmp_path)).unrecognised  # readers skip the records (names start with _)
+
+
+def test_the_parallel_listing_matches_the_index(tmp_path):
+    world = SyntheticWorld(seed=0, image_size=64)
+    root = str(tmp_path / "inet")
+    materialize(world, root, split="val", n=37, ext="png")
+    nested = tmp_path / "inet" / "val" / world.class_names[3] / "sub"
+    nested.mkdir()
+    (nested / "x.PNG").write_bytes(b"x")
+    (nested.parent / "notes.txt").write_text("not an image")
+    index = ImageFolderIndex(root, "val")
+    classes, files = images.list_split(root, "val")
+    assert classes == index.classes and files["path"].to_pylist() == [p for p, _ in index.samples]
+    assert files["label"].to_pylist() == index.targets and files["image_id"][0].as_py() == "val/local0/000000.png"
+    (tmp_path / "inet" / "val" / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no images .* in 1 class folder\(s\): .*/val/empty"):
+        images.list_split(root, "val")

@@ -1,0 +1,192 @@
+"""The scale path, measured: driver memory and image reads of an experiment run, the report over a
+large heatmaps table, and listing a large ImageNet-layout tree (docs/performance.md).
+
+    # on an idle machine, a local multi-node cluster (a head and two workers, as the cluster tests):
+    ray start --head --num-cpus=0 --port=6379 && ray start --address=127.0.0.1:6379 --num-cpus=8 \\
+        && ray start --address=127.0.0.1:6379 --num-cpus=8
+    RAY_ADDRESS=127.0.0.1:6379 python -m bench.scale --n 1000 4000 --size 224 --classes 1000 \\
+        --maps 50000 --map-size 224 --files 100000 --work /tmp/scale --csv bench/out/scale.csv
+    # a quick check that it works (minutes, on a busy machine):
+    python -m bench.scale --n 16 32 --size 64 --classes 4 --maps 64 --map-size 64 --files 2000 --work /tmp/scale-tiny
+
+Each measurement runs in a fresh subprocess (``--measure``) that prints its own peak RSS
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) as JSON, so one measurement's memory never counts
+towards another's:
+
+* ``experiment``: predictions plus full-resolution heatmaps of ``bagnet33_small`` and
+  ``resnet_small`` over N images of a generated tree (``--classes`` class folders of JPEGs made by
+  the synthetic generator, plus a corrupt, a zero-byte and a text file): driver peak RSS, images
+  read (goal: N + 3, not (N + 3) x models), rows written = images evaluated, every bad file in
+  the failures table;
+* ``report``: ``analysis.report`` over a results tree whose heatmaps table holds ``--maps`` maps of
+  ``--map-size``\\ :sup:`2` float32 (written by a generator, not by a model): peak RSS and time;
+* ``listing``: describing a split of ``--files`` tiny files, as a list of dicts (the listing before
+  this change) and as the Arrow table the image reader now lists with one thread per class folder: time and
+  peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from analysis.report import build_report
+from bagnet.config import dump_yaml, load_config, to_dict
+from bagnet.experiments import heatmaps as heatmap_experiment
+from bagnet.imagenet import ImageFolderIndex
+from bagnet.synthetic import SyntheticWorld
+from bench.harness import Table, machine_info
+from cluster import evaluation
+from cluster.configs import ExperimentJobConfig
+from cluster.images import describe
+from store import catalog, results, storage
+
+BAD_FILES = {"corrupt.JPEG": b"\xff\xd8\xff\xe0 truncated", "empty.JPEG": b"", "text.JPEG": b"not an image"}
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def class_name(c: int) -> str:
+    return f"n{c:08d}"
+
+
+def make_tree(root: Path, n: int, size: int, classes: int) -> None:
+    """``root/val/<class>/<i>.JPEG``: n synthetic images spread over the class folders, plus BAD_FILES."""
+    world = SyntheticWorld(seed=0, image_size=size)
+    for i in range(n):
+        folder = root / "val" / class_name(i % classes)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(world.sample(i, "val").image).save(folder / f"{i:07d}.JPEG", quality=90)
+    for name, data in BAD_FILES.items():
+        (root / "val" / class_name(0) / name).write_bytes(data)
+
+
+def measure_experiment(root: str, out: str, n: int, size: int) -> dict:
+    cfg = load_config(ExperimentJobConfig, None, [
+        f"output={out}", f"run_id=n{n}", "data.dataset=imagenet", f"data.root={root}", "split=val",
+        f"data.image_size={size}", f"data.resize={size}", "experiments.heatmaps={resolution: full}",
+        "models=[{name: bagnet33_small}, {name: resnet_small}]"])
+    start = time.perf_counter()
+    summary = evaluation.run_plan(evaluation.make_plan(cfg, ["predictions", "heatmaps"], None))
+    run = next(r for r in catalog.discover(out).runs if r.name == f"n{n}")
+    failed = set(catalog.read_table(run, results.FAILURES_TABLE, ["path"])["path"].to_pylist())
+    evaluated = sum(m["images"] for m in results.completed_parts(summary["run_dir"]).values() if "images" in m)
+    return {"seconds": time.perf_counter() - start, "driver_peak_rss_mb": peak_rss_mb(),
+            "images_read": summary["reads"]["images"], "file_reads": summary["reads"]["reads"],
+            "rows_written": sum(summary["rows"].values()), "images_evaluated": evaluated,
+            "bad_files_in_failures": sum(any(p.endswith(b) for p in failed) for b in BAD_FILES)}
+
+
+def make_heatmaps_run(out: Path, maps: int, size: int, chunk: int = 500) -> None:
+    """A complete run whose heatmaps table holds ``maps`` random maps, written part file by part file."""
+    world = SyntheticWorld(seed=0, image_size=size)
+    cfg = load_config(ExperimentJobConfig, None, [f"output={out}", "run_id=big", f"data.image_size={size}",
+                                                  "models=[{name: bagnet33_small}]"])
+    run_dir = str(out / "big")
+    part = results.part_dir(run_dir, heatmap_experiment.TABLE, {"experiment": "heatmaps", "model": "bagnet33_small"})
+    common = {"run_id": "big", "q": 33, "weights": "random", "dataset": "synthetic", "split": "test", "seed": 0,
+              "precision": "fp32", "code_version": results.code_version(), "created_at": results.utc_now()}
+    rng = np.random.default_rng(0)
+    files = []
+    for start in range(0, maps, chunk):
+        rows = []
+        for i in range(start, min(maps, start + chunk)):
+            values = rng.standard_normal((size, size), dtype=np.float32)
+            rows.append({"image_id": world.image_id(i, "test"), "label": i % world.num_classes,
+                         "target": i % world.num_classes, "height": size, "width": size, "values": values.ravel(),
+                         "resolution": "full", "stride": 1, "origin": 0, **heatmap_experiment.summarize(values)})
+        table = results.rows_to_table(rows, common, heatmap_experiment.SCHEMA, experiment="heatmaps")
+        files.append(results.write_part_file(part, table))
+    results.commit_part(part, files, {"fingerprint": {}})
+    storage.write_text_atomic(storage.join(run_dir, results.CONFIG_FILE), dump_yaml(cfg))
+    results.write_manifest(run_dir, {"run_id": "big", "complete": True, "experiments": ["heatmaps"],
+                                     "config": to_dict(cfg), "created_at": results.now_iso(),
+                                     "rows_per_table": results.rows_per_table(results.completed_parts(run_dir))})
+
+
+def measure_report(results_dir: str, out: str) -> dict:
+    start = time.perf_counter()
+    build_report(results_dir, out)
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+
+
+def measure_listing(root: str, mode: str) -> dict:
+    start = time.perf_counter()
+    cfg = load_config(ExperimentJobConfig, None, ["data.dataset=imagenet", f"data.root={root}", "split=val"])
+    if mode == "dicts":  # the listing before: one Python dict per file in the driver
+        index = ImageFolderIndex(storage.resolve(root), "val")
+        prefix = storage.resolve(index.path).rstrip("/") + "/"
+        items = [{"path": p, "label": y, "image_id": f"val/{p.removeprefix(prefix)}"} for p, y in index.samples]
+        count = len(items)
+    else:
+        count = describe(cfg.data, "val").num_images
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "files": count}
+
+
+def run_measure(*args: str) -> dict:
+    """One ``--measure`` in a fresh process; its JSON line."""
+    out = subprocess.run([sys.executable, "-m", "bench.scale", "--measure", *args], capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"bench.scale --measure {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> Table:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, nargs="+", default=[1000, 4000], help="images per experiment run")
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--maps", type=int, default=50_000, help="heatmaps in the report's table")
+    p.add_argument("--map-size", type=int, default=224)
+    p.add_argument("--files", type=int, default=100_000, help="files in the listed tree")
+    p.add_argument("--work", default="/tmp/bench-scale", help="folder for the generated trees and results")
+    p.add_argument("--csv", default="bench/out/scale.csv")
+    p.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.measure:
+        kind, *rest = a.measure
+        fn = {"experiment": lambda r, o, n, s: measure_experiment(r, o, int(n), int(s)),
+              "report": measure_report, "listing": measure_listing}[kind]
+        print(json.dumps(fn(*rest)))
+        return Table([])
+    work = Path(a.work)
+    table = Table(["measurement", "n", "seconds", "peak_rss_mb", "images_read", "file_reads", "rows_written",
+                   "images_evaluated", "bad_in_failures"], info=machine_info())
+    for n in a.n:
+        root = work / f"tree-{n}"
+        if not (root / "val").exists():
+            make_tree(root, n, a.size, a.classes)
+        m = run_measure("experiment", str(root), str(work / "results"), str(n), str(a.size))
+        table.add(measurement="experiment", n=n, seconds=m["seconds"], peak_rss_mb=m["driver_peak_rss_mb"],
+                  images_read=m["images_read"], file_reads=m["file_reads"], rows_written=m["rows_written"],
+                  images_evaluated=m["images_evaluated"], bad_in_failures=m["bad_files_in_failures"])
+    big = work / "heatmaps"
+    if not (big / "big" / results.MARKER).exists():
+        make_heatmaps_run(big, a.maps, a.map_size)
+    m = run_measure("report", str(big), str(work / "report"))
+    table.add(measurement="report", n=a.maps, seconds=m["seconds"], peak_rss_mb=m["peak_rss_mb"])
+    tree = work / f"listing-{a.files}"
+    if not (tree / "val").exists():
+        for i in range(a.files):
+            folder = tree / "val" / class_name(i % a.classes)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i:07d}.JPEG").write_bytes(b"x")
+    for mode in ("dicts", "parallel"):
+        m = run_measure("listing", str(tree), mode)
+        table.add(measurement=f"listing ({mode})", n=m["files"], seconds=m["seconds"], peak_rss_mb=m["peak_rss_mb"])
+    table.write_csv(a.csv)
+    return table
+
+
+if __name__ == "__main__":
+    main()
