@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from bagnet.fast import autocast_context, optimize_for_inference
 from bagnet.imagenet import to_model_input
 from bagnet.models import create_model, model_q
 from cluster.configs import ExperimentJobConfig, ModelConfig, looks_like_path
-from cluster.images import ImageSource, describe, image_dataset
+from cluster.images import ImageReadError, ImageSource, describe, image_dataset
 from cluster.ray_env import data_context, init_ray
 from cluster.runtime_env import forwarded_env
 from store import results, storage
@@ -448,6 +449,17 @@ def _write_manifest(plan: Plan, totals: RunTotals, wall: float, reads: dict[str,
     })
 
 
+def unwrap_read_error(err: BaseException) -> BaseException:
+    """The :class:`ImageReadError` behind ``err`` (Ray wraps a task's error in its own), with the
+    reader's message alone; else ``err`` itself."""
+    texts, cause = [], err
+    while cause is not None and len(texts) < 10:
+        texts.append(str(cause))
+        cause = cause.__cause__ or cause.__context__
+    found = re.search(r"cannot read image .*?a rerun resumes", "\n".join(texts))
+    return ImageReadError(found.group(0)) if found else err
+
+
 def run_plan(plan: Plan) -> dict[str, Any]:
     """Compute the plan's unfinished parts (the images read once, one pass per model), then
     publish the run manifest (withdrawn first when there is work to do).
@@ -470,7 +482,10 @@ def run_plan(plan: Plan) -> dict[str, Any]:
         print(f"[experiment] run {plan.run_id}: {len(todo)} of {len(plan.parts)} part(s) to compute on "
               f"{cfg.data.dataset}/{cfg.split} ({plan.source.num_images} images) -> {plan.run_dir}", flush=True)
         env = runtime_env(cfg)
-        images, reads = read_images(plan, env)
+        try:
+            images, reads = read_images(plan, env)
+        except Exception as err:  # Ray Data wraps the reader's error: stop naming the file
+            raise unwrap_read_error(err) from err
         for model, group in group_parts(todo).items():
             try:
                 totals.markers.update(run_group(plan, group, env, images))
@@ -500,5 +515,5 @@ def run_plan(plan: Plan) -> dict[str, Any]:
 __all__ = [
     "COLUMNS", "ActorPoolTimeout", "AccountingError", "Part", "Plan", "parse_experiments", "helper_model_names",
     "make_plan", "finished_marker", "build_model", "ModelActor", "import_root", "runtime_env", "group_parts",
-    "PartProgress", "read_images", "commit", "run_group", "RunTotals", "run_plan",
+    "PartProgress", "read_images", "commit", "run_group", "RunTotals", "unwrap_read_error", "run_plan",
 ]

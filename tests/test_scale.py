@@ -228,7 +228,8 @@ def test_failures_are_accounted_images_read_once_and_reported(ray_session, tmp_p
         "data.image_size=64", "data.resize=64", "experiments.heatmaps={resolution: coarse}",
         "models=[{name: bagnet9_small}, {name: resnet_small}]"]), ["predictions", "heatmaps"], None)
     storage.delete(gone)  # listed with the plan, then gone: every read fails
-    with pytest.raises(Exception, match=f"cannot read image {re.escape(gone)} after {images.READ_ATTEMPTS} attempts"):
+    with pytest.raises(images.ImageReadError, match=f"^cannot read image {re.escape(gone)} after "
+                                                   f"{images.READ_ATTEMPTS} attempts .* a rerun resumes$"):
         evaluation.run_plan(plan)
     assert results.read_marker(storage.join(run_dir, "predictions", "experiment=predictions",
                                             "model=bagnet9_small")) is not None

@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow.dataset as pads
 
 from analysis import figures
-from analysis.builder import Builder, model_order, prepare, run_world
+from analysis.builder import Builder, log, model_order, prepare, run_world
 from analysis.html import Figure, Section, Table
 from bagnet.experiments import heatmaps
 from bagnet.imagenet import decode_rgb, eval_transform
@@ -133,7 +133,12 @@ def section(builder: Builder) -> Section:
     def class_name(label: int) -> str:
         return names[int(label)] if names else f"class {int(label)}"
 
-    sec.blocks.append(gallery(builder, df, order, class_name, image_of))
+    try:
+        sec.blocks.append(gallery(builder, df, order, class_name, image_of))
+    except (OSError, ValueError) as err:  # an ImageNet file gone or unreadable since the run
+        log(f"heatmaps: images not drawn ({err})")
+        image_of = None
+        sec.blocks.append(gallery(builder, df, order, class_name, image_of))
     if world is not None:
         sec.blocks.append(f"Images regenerated from SyntheticWorld(seed={world.seed}, image_size={world.image_size}).")
     elif image_of is not None:
