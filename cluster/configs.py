@@ -156,7 +156,7 @@ class ComputeConfig:
     torch_threads: int | None = None  # PyTorch threads per actor (default Ray's: floor(num_cpus), at least 1)
     fast: bool = False  # fold batch norm into the convs + channels-last (bagnet.fast): same results, faster
     forward_env: list[str] = field(default_factory=lambda: list(FORWARDED_ENV))
-    max_file_mb: int = 128  # Parquet file size (in memory) before a part starts a new file
+    max_file_mb: int = 128  # largest Parquet file (in memory) a model actor writes at once
     progress_s: float = 30.0  # seconds between progress lines within a part
 
     def validate(self) -> None:

@@ -43,8 +43,8 @@ from cluster.ray_env import data_context, init_ray
 from cluster.runtime_env import forwarded_env
 from store import results, storage
 
-# The actor's output columns: per (batch, experiment), the files it wrote (JSON of
-# store.results.file_check, "" for none), the images it evaluated and could not, what they took.
+# The actor's output columns: per (batch, experiment), the files it wrote (JSON lists of
+# store.results.file_check), the images it evaluated and could not, what they took.
 COLUMNS = COL_EXPERIMENT, COL_FILE, COL_FAILURE_FILE, COL_IMAGES, COL_FAILURES, COL_EVALS, COL_SECONDS = (
     "experiment", "file", "failure_file", "images", "failures", "model_evals", "seconds")
 
@@ -200,14 +200,14 @@ class ModelActor:
     def __init__(self, *, experiments: dict[str, Any], model: ModelConfig, helpers: dict[str, ModelConfig],
                  modules: list[str], num_classes: int, use_gpu: bool, precision: str, seed: int,
                  forward_batch_size: int, common: dict[str, Any], paths: dict[str, tuple[str, str]],
-                 fast: bool = False, torch_threads: int | None = None) -> None:
+                 fast: bool = False, torch_threads: int | None = None, max_file_bytes: int = 128 * 2**20) -> None:
         for dotted in modules:  # the config's extra experiment modules, registered in this process too
             EXPERIMENTS.register(dotted)
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.experiments = {name: (EXPERIMENTS[name], params) for name, params in experiments.items()}
-        self.paths = paths
+        self.paths, self.max_file_bytes = paths, max_file_bytes
         built: dict[str, nn.Module] = {}
 
         def build(cfg: ModelConfig) -> nn.Module:  # each distinct model once, the evaluated one included
@@ -248,6 +248,13 @@ class ModelActor:
         return results.rows_to_table(rows, {**self.common, "created_at": results.utc_now()},
                                      results.FAILURES_SCHEMA, experiment=name)
 
+    def write(self, path: str, table: pa.Table) -> str:
+        """``table`` as files of the part at ``path``, each at most about ``max_file_bytes`` in
+        memory; their checks as a JSON list."""
+        per_file = max(1, int(table.num_rows * self.max_file_bytes / max(table.nbytes, 1)))
+        return json.dumps([results.write_part_file(path, table.slice(start, per_file))
+                           for start in range(0, table.num_rows, per_file)])
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         failed = np.asarray([bool(e) for e in batch["error"]])
         ok = ~failed
@@ -258,14 +265,11 @@ class ModelActor:
         for name in self.experiments:
             part_path, failures_path = self.paths[name]
             before, start = self.evals, time.perf_counter()
-            written = ""
+            written = "[]"
             if image_ids:
-                table = self.run_experiment(name, images, labels, image_ids)
-                written = json.dumps(results.write_part_file(part_path, table)) if table.num_rows else ""
+                written = self.write(part_path, self.run_experiment(name, images, labels, image_ids))
             seconds = time.perf_counter() - start
-            failures = ""
-            if failed.any():
-                failures = json.dumps(results.write_part_file(failures_path, self.failure_rows(name, batch, failed)))
+            failures = self.write(failures_path, self.failure_rows(name, batch, failed)) if failed.any() else "[]"
             out[COL_EXPERIMENT].append(name)
             out[COL_FILE].append(written)
             out[COL_FAILURE_FILE].append(failures)
@@ -373,7 +377,7 @@ def run_group(plan: Plan, parts: list[Part], env: dict | None, images: ray.data.
                 "modules": list(cfg.modules), "num_classes": plan.source.num_classes, "use_gpu": c.use_gpu,
                 "precision": cfg.precision, "seed": cfg.seed, "forward_batch_size": c.forward_batch_size or c.batch_size,
                 "common": common, "paths": {p.experiment: (p.path, p.failures_path) for p in parts},
-                "fast": c.fast, "torch_threads": c.torch_threads},
+                "fast": c.fast, "torch_threads": c.torch_threads, "max_file_bytes": c.max_file_mb * 2**20},
             batch_size=c.batch_size, batch_format="numpy", zero_copy_batch=False,
             compute=ray.data.ActorPoolStrategy(size=c.actor_pool_size),
             num_cpus=c.num_cpus, num_gpus=c.num_gpus if c.use_gpu else 0,
@@ -388,10 +392,8 @@ def run_group(plan: Plan, parts: list[Part], env: dict | None, images: ray.data.
         for name, file, failure_file, done, failures, evals, seconds in zip(
                 *(block[col].to_pylist() for col in COLUMNS)):
             p = progress[name]
-            if file:
-                p.files.append(json.loads(file))
-            if failure_file:
-                p.failure_files.append(json.loads(failure_file))
+            p.files += json.loads(file)
+            p.failure_files += json.loads(failure_file)
             p.images, p.failures = p.images + done, p.failures + failures
             p.evals, p.compute_s = p.evals + evals, p.compute_s + seconds
         if time.perf_counter() - last >= c.progress_s:

@@ -254,8 +254,8 @@ def _actor_rows(fast: bool, experiments: dict[str, dict], batch: dict) -> tuple[
     out = actor(batch)
     assert set(out) == set(evaluation.COLUMNS) and all(len(v) == len(experiments) for v in out.values())
     tables = {}
-    for name, file in zip(out[evaluation.COL_EXPERIMENT], out[evaluation.COL_FILE]):
-        check = json.loads(file)
+    for name, files in zip(out[evaluation.COL_EXPERIMENT], out[evaluation.COL_FILE]):
+        (check,) = json.loads(files)
         tables[name] = pq.read_table(os.path.join(actor.paths[name][0], check["name"])).to_pandas()
         assert len(tables[name]) == check["rows"]
     return out, tables

@@ -281,3 +281,23 @@ def test_the_parallel_listing_matches_the_index(tmp_path):
     (tmp_path / "inet" / "val" / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no images .* in 1 class folder\(s\): .*/val/empty"):
         images.list_split(root, "val")
+
+
+def test_an_actor_writes_its_rows_itself_in_files_of_the_configured_size(tmp_path):
+    from tests.test_experiment_runner import _actor, _batch
+
+    actor = _actor({"heatmaps": {"resolution": "full"}}, out=tmp_path)
+    actor.max_file_bytes = 40_000  # a 64 x 64 float32 map is 16 KiB: about two maps a file
+    batch = _batch(6)
+    batch["error"] = np.asarray(["", "", "cannot decode image x: bad", "", "", ""])
+    batch["path"] = np.asarray([f"/data/{i}.png" for i in range(6)])
+    out = actor(batch)
+    files = json.loads(out[evaluation.COL_FILE][0])
+    assert len(files) >= 3 and sum(f["rows"] for f in files) == 5 == out[evaluation.COL_IMAGES][0]
+    for f in files:
+        data = (tmp_path / "heatmaps" / f["name"]).read_bytes()
+        assert f == results.file_check(f["name"], data, f["rows"])
+    (failure,) = json.loads(out[evaluation.COL_FAILURE_FILE][0])
+    rows = pd.read_parquet(tmp_path / "heatmaps-failures" / failure["name"])
+    assert rows[["path", "stage", "image_id"]].values.tolist() == [["/data/2.png", "decode", "synthetic/test/000002"]]
+    assert out[evaluation.COL_FAILURES][0] == 1 and rows["error"][0] == "cannot decode image x: bad"
