@@ -39,13 +39,11 @@ RAYIGNORE = REPO_ROOT / ".rayignore"
 
 
 def read_ignore_file(path: str | Path = RAYIGNORE) -> tuple[str, ...]:
-    """The gitignore-style patterns of ``path`` (comments and blank lines dropped)."""
+    """The gitignore-style patterns of ``path`` (comments and blank lines dropped): by default what never
+    travels with a job, relative to the working directory."""
     lines = (line.strip() for line in Path(path).read_text().splitlines())
     return tuple(line for line in lines if line and not line.startswith("#"))
 
-
-# What never travels with a job (relative to the working directory): the repository's .rayignore.
-EXCLUDES: tuple[str, ...] = read_ignore_file()
 # Forwarded from the submitting shell (or driver) to the cluster's processes when set: where S3 is
 # and which named profile to use, never the credentials themselves (nodes get those from their
 # instance profile or ~/.bagnet/secrets.env).
@@ -121,7 +119,7 @@ def pinned_requirements(pyproject: str | Path = REPO_ROOT / "pyproject.toml",
 def job_runtime_env(working_dir: str | Path = REPO_ROOT, *, environ: Mapping[str, str] | None = None,
                     pip: bool = False) -> dict:
     """The ``runtime_env`` for ``ray job submit --runtime-env-json`` (or ``JobSubmissionClient``)."""
-    env: dict = {"working_dir": str(working_dir), "excludes": list(EXCLUDES)}
+    env: dict = {"working_dir": str(working_dir), "excludes": list(read_ignore_file())}
     if env_vars := forwarded_env(environ):
         env["env_vars"] = env_vars
     if pip:

@@ -71,7 +71,8 @@ check_gpu() {
 # themselves, but stay children of the raylet).
 node_ray_pids() {
   local roots
-  roots=$(grep -l -s -a -F "$RAY_TEMP/" /proc/[0-9]*/cmdline | cut -d/ -f3 | grep -v -x -e "$$" -e "$BASHPID" || true)
+  # the pattern comes from a file: on grep's own command line it would match grep itself
+  roots=$(grep -l -s -a -F -f <(printf '%s/\n' "$RAY_TEMP") /proc/[0-9]*/cmdline | cut -d/ -f3 || true)
   [ -n "$roots" ] || return 0
   ps -e -o pid=,ppid= | awk -v roots="$roots" '
     BEGIN { n = split(roots, r, "\n"); for (i = 1; i <= n; i++) keep[r[i]] = 1 }
@@ -107,7 +108,8 @@ run_ray() {
       shift
       stop_ray
       secure_token
-      local args=(--disable-usage-stats) arg
+      # --temp-dir: a worker otherwise takes the head's, and `ray stop` here finds a node by its temp dir
+      local args=(--disable-usage-stats --temp-dir="$RAY_TEMP") arg
       local head=0
       for arg in "$@"; do [ "$arg" = "--head" ] && head=1; done
       if [ "$head" = 1 ]; then
