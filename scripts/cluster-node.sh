@@ -127,8 +127,16 @@ run_ray() {
       fi
       if [ -n "${BAGNET_NODE_IP:-}" ]; then args+=(--node-ip-address="$BAGNET_NODE_IP"); fi
       ulimit -n 65536 2>/dev/null || true
-      # shellcheck disable=SC2086  # BAGNET_RAY_START_ARGS is a list of options
-      "$bin/ray" start "${args[@]}" ${BAGNET_RAY_START_ARGS:-}
+      # A busy machine can miss the raylet's start-up waits (its agents' port files): try again.
+      local attempt
+      for attempt in 1 2 3; do
+        # shellcheck disable=SC2086  # BAGNET_RAY_START_ARGS is a list of options
+        if "$bin/ray" start "${args[@]}" ${BAGNET_RAY_START_ARGS:-}; then return 0; fi
+        echo "cluster-node.sh: ray start failed (attempt $attempt of 3); logs: $RAY_TEMP/session_latest/logs" >&2
+        stop_ray
+        sleep $((5 * attempt))
+      done
+      die "ray start failed 3 times; logs: $RAY_TEMP/session_latest/logs"
       ;;
     *) exec "$bin/ray" "$@" ;;
   esac
