@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from bagnet.imagenet import MEAN, STD
-from bagnet.patch_defense import Geometry, defense_scores
+from bagnet.patch_defense import Geometry, defense_scores, touched_cells
 
 
 def patch_starts(size: int, p: int, step: int) -> list[int]:
@@ -43,17 +43,29 @@ def rank_locations(logits: Tensor, target: int, geometry: Geometry, p: int, size
     """Patch corners to attack for one image (``logits (C, H', W')``): every ``step`` px when
     ``limit`` is None, else one location per distinct set of touched cells, for the ``limit``
     sets whose cells hold the most evidence for ``target`` over its best rival."""
-    corners = [(t, l) for t in patch_starts(size[0], p, step) for l in patch_starts(size[1], p, step)]
+    rows, cols = patch_starts(size[0], p, step), patch_starts(size[1], p, step)
     if limit is None:
-        return corners
+        return [(t, l) for t in rows for l in cols]
     rival = logits.clone()
     rival[target] = float("-inf")
     lead = logits[target] - rival.max(0).values  # (H', W')
-    boxes: dict[tuple[int, int, int, int], list[tuple[int, int]]] = {}
-    for corner in corners:
-        boxes.setdefault(geometry.touched(*corner, p), []).append(corner)
-    scored = sorted(boxes, key=lambda b: -float(lead[b[0]:b[2], b[1]:b[3]].sum()))
-    return [boxes[b][len(boxes[b]) // 2] for b in scored[:limit]]
+    row_groups = _by_cells(rows, p, geometry.q, geometry.stride, geometry.offset, geometry.grid[0])
+    col_groups = _by_cells(cols, p, geometry.q, geometry.stride, geometry.offset, geometry.grid[1])
+    boxes = [(r, c) for r in row_groups for c in col_groups]
+    scored = sorted(boxes, key=lambda b: -float(lead[b[0][0]:b[0][1], b[1][0]:b[1][1]].sum()))
+    return [(_middle(row_groups[r]), _middle(col_groups[c])) for r, c in scored[:limit]]
+
+
+def _by_cells(starts: list[int], p: int, q: int, stride: int, offset: int, cells: int) -> dict[tuple[int, int], list[int]]:
+    """Patch starts along one axis grouped by the cells ``[lo, hi)`` they touch, in order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for start in starts:
+        groups.setdefault(touched_cells(start, p, q, stride, offset, cells), []).append(start)
+    return groups
+
+
+def _middle(values: list[int]) -> int:
+    return values[len(values) // 2]
 
 
 def paste(images: Tensor, patches: Tensor, corners: Tensor) -> Tensor:

@@ -2,22 +2,25 @@
 the patch_robustness experiment: hand-built patch logits, window geometry against the receptive
 field measured by gradient, and soundness against an exhaustive attack on a tiny BagNet."""
 
+import csv
 import itertools
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
 
 from bagnet.config import from_dict
-
 from bagnet.experiments import patch_robustness as pr
 from bagnet.experiments.base import ExperimentContext
 from bagnet.models import create_model
 from bagnet.patch_attack import patch_starts, patched_logits
 from bagnet.patch_defense import (
-    DEFENSES, CertificateViolation, Geometry, certify, defense_scores, touched_cells, window_cells,
+    DEFENSES, CertificateViolation, certify, defense_scores, touched_cells, window_cells,
 )
+from bench import patch_certify
+from jobs import experiment as job
 
 # --------------------------------------------------------------------------------------------
 # Certificates on hand-built patch logits
@@ -181,21 +184,26 @@ def test_patched_logits_recompute_only_the_touched_window_exactly():
 # Soundness on a tiny model, every location attacked
 
 
-def _tiny_run(params: pr.Params, n: int = 6, size: int = 24, seed: int = 3):
+def _tiny_run(params: pr.Params, n: int = 6, size: int = 40, seed: int = 3):
+    """A random BagNet-9 (4 x 4 cells) made sensitive (fc x 10, class logits centred on the images)
+    with a lead for class 0, so that some images certify and some undefended ones can be flipped;
+    labels are its own predictions, so every image is attacked."""
     torch.manual_seed(seed)
     model = create_model("bagnet9_small", num_classes=3).eval()
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, size, size, generator=gen)
+    images = torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        labels = model(images).argmax(1)  # the model is right on every image: each one is attacked
+        model.fc.weight *= 10
+        model.fc.bias -= model.patch_logits(images).mean((0, 2, 3))
+        model.fc.bias[0] += 1.0
+        labels = model(images).argmax(1)
     ctx = ExperimentContext(image_ids=[f"img{k}" for k in range(n)], model_name="bagnet9_small", q=9, batch_size=256)
     return pr.run(model, images, labels, params, ctx=ctx)
 
 
 def test_no_certified_image_is_flipped_by_an_exhaustive_attack():
-    params = pr.Params(patch_sizes=[2, 6], attack_steps=4, location_step=1, max_locations=None)
-    rows = _tiny_run(params)  # raises CertificateViolation if a certified image flips
-    assert len(rows) == 6 * 2 * len(DEFENSES)
+    params = pr.Params(patch_sizes=[4, 12], attack_steps=2, location_step=1, max_locations=None)
+    rows = _tiny_run(params, n=4)  # every one of the 37 x 37 (29 x 29) locations; raises CertificateViolation
+    assert len(rows) == 4 * 2 * len(DEFENSES)
     certified = [r for r in rows if r["certified"]]
     assert certified and all(r["attacked_prediction"] == r["prediction"] for r in certified)
     undefended = [r for r in rows if r["defense"] == "undefended"]
@@ -210,8 +218,8 @@ def test_a_wrong_certificate_is_reported(monkeypatch):
         return type(out)(out.prediction, out.margin, torch.ones_like(out.certified), out.certified_margin)
 
     monkeypatch.setattr(pr, "certify", overconfident)
-    with pytest.raises(CertificateViolation, match=r"is certified for defense 'undefended' at p=6 .* the certificate is wrong"):
-        _tiny_run(pr.Params(patch_sizes=[6], defenses=["undefended"], attack_steps=4, max_locations=None, location_step=2))
+    with pytest.raises(CertificateViolation, match=r"is certified for defense 'undefended' at p=12 .* the certificate is wrong"):
+        _tiny_run(pr.Params(patch_sizes=[12], defenses=["undefended"], attack_steps=3, max_locations=4))
 
 
 def test_params_are_checked():
@@ -219,8 +227,8 @@ def test_params_are_checked():
         pr.Params(defenses=["median"]).validate()
     with pytest.raises(Exception, match="clip_max"):
         pr.Params(clip_min=1.0, clip_max=1.0).validate()
-    with pytest.raises(ValueError, match="p=32 exceeds the 24x24 image"):
-        _tiny_run(pr.Params(patch_sizes=[32]))
+    with pytest.raises(ValueError, match="p=48 exceeds the 40x40 image"):
+        _tiny_run(pr.Params(patch_sizes=[48]))
     assert pr.applies_to("bagnet33_small") and not pr.applies_to("resnet_small")
 
 
@@ -233,3 +241,32 @@ def test_the_shipped_configs_parse():
         params.validate()
     assert params.patch_sizes == [32] and raw["data"]["image_size"] == 224
     assert [m["name"] for m in raw["models"]] == ["bagnet17", "bagnet33"]
+
+
+def test_through_the_runner_certified_le_attacked_le_clean(ray_session, tmp_path):
+    """The experiment run by jobs/experiment.py on tiny BagNets (the ResNet is left out): per
+    (model, p, defense) certified <= accuracy under attack <= clean accuracy, and per row."""
+    out = tmp_path / "out"
+    job.main(["--experiment", "patch_robustness", "--config", str(job.DEFAULT_CONFIG), f"output={out}", "run_id=t",
+              "data.test_size=16", "compute.batch_size=8",
+              "models=[{name: bagnet9_small}, {name: bagnet17_small}, {name: resnet_small}]",
+              "experiments.patch_robustness={patch_sizes: [4, 12], attack_steps: 2, max_locations: 2, sample_every: 1}"])
+    df = pd.read_parquet(out / "t" / pr.TABLE)
+    assert sorted(df["model"].astype(str).unique()) == ["bagnet17_small", "bagnet9_small"]
+    assert len(df) == 2 * 16 * 2 * len(DEFENSES)
+    acc = df.groupby(["model", "patch_px", "defense"], observed=True)[
+        ["certified_correct", "attacked_correct", "clean_correct"]].mean()
+    assert (acc["certified_correct"] <= acc["attacked_correct"]).all() and (acc["attacked_correct"] <= acc["clean_correct"]).all()
+    assert (df["attacked_correct"] <= df["clean_correct"]).all() and (df["certified_correct"] <= df["attacked_correct"]).all()
+    assert not df.loc[df["defense"] == "undefended", "certified"].any()
+    assert (df.loc[df["patch_px"] == 4, "window_cells"].unique().tolist() == [4])  # 2 x 2 cells for q = 9 and 17
+
+
+def test_certification_bench_writes_its_table(tmp_path):
+    out = tmp_path / "patch_certify.csv"
+    table = patch_certify.main(["--model", "bagnet9_small", "--num-classes", "3", "--size", "32", "--patch", "4",
+                                "--batch-size", "2", "--repeat", "1", "--warmup", "0", "--out", str(out)])
+    rows = list(csv.DictReader(out.open()))
+    assert [r["method"] for r in rows] == ["forward", "patch_logits", "certify_clipped", "certify_masking",
+                                           "certify_vote", "certify_all"] == [r["method"] for r in table.rows]
+    assert all(float(r["images_per_s"]) > 0 and r["window"] == "2x2" for r in rows)
