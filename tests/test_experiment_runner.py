@@ -40,6 +40,7 @@ TINY_PARAMS = {
     "shuffle": "{tiles: [16], num_perms: 1}",
     "interaction": "{region_sizes: [8], distances: [0, 16], pairs_per_distance: 1}",
     "masking": "{rankings: [random, bagnet_heatmap], ks: [0, 2], heatmap_model: bagnet9_small}",
+    "patch_robustness": "{patch_sizes: [8], attack_steps: 2, max_locations: 1, sample_every: 1}",
 }
 
 
