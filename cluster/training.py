@@ -39,6 +39,7 @@ from bagnet.models import ModelSpec, create_model, model_bytes
 from bagnet.training import evaluate, make_optimizer, train_epoch
 from cluster.configs import TrainJobConfig
 from cluster.images import TrainData
+from cluster.ray_env import verbose
 from store import storage
 from store.results import CONFIG_FILE, METRICS_FILE, MODEL_FILE, RerunMismatch, check_fingerprint
 
@@ -269,6 +270,7 @@ def build_trainer(cfg: TrainJobConfig, name: str, storage_path: str, data: Train
             accelerator_type=cfg.scaling.accelerator_type),
         run_config=ray.train.RunConfig(
             name=name, **ray_storage(storage_path), callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep)),
         datasets={"train": data.train, "val": data.val},

@@ -41,6 +41,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "tune-synthetic.yaml"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="sweep YAML (default: configs/tune-synthetic.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="validate, print the resolved sweep (YAML), exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. tune.max_concurrent_trials=1 train.optim.epochs=2 "
                              "'search_space.optim.lr={grid: [0.1, 0.4]}'")
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         sweep = sweeps.load_sweep(args.config, args.overrides)
+        if args.print_config:
+            print(sweeps.resolved_yaml(sweep), end="")
+            return {"sweep": sweep}
         check_paths(sweeps.trial_config(sweep.base, {}).data)
         sweeps.check_resumable(sweep)
     except ConfigError as err:
