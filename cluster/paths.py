@@ -44,8 +44,12 @@ INPUT_KEYS: dict[type, tuple[str, ...]] = {
 
 
 def results_root(environ: Mapping[str, str] | None = None) -> str | None:
-    """``$BAGNET_RESULTS`` (trailing slashes dropped), or None when unset."""
+    """``$BAGNET_RESULTS`` (trailing slashes dropped), or None when unset; ConfigError while it
+    holds the placeholder bucket."""
     root = (os.environ if environ is None else environ).get(RESULTS_ENV, "").strip().rstrip("/")
+    if PLACEHOLDER_BUCKET in root:
+        raise ConfigError(f"{RESULTS_ENV}={root} holds the placeholder bucket {PLACEHOLDER_BUCKET}: set it to a bucket "
+                          "of yours where the cluster files define it (the lines marked `>>> SET: bucket`)")
     return root or None
 
 

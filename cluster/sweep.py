@@ -52,6 +52,8 @@ FIXED_KEYS = {"optim.epochs": "it is the scheduler's max_t; set it under train:"
               "run.name": "each trial's Train run is named after the trial",
               "run.storage_path": "Train runs live under the sweep directory"}
 RECORD_FILE = "sweep.yaml"  # the sweep's fingerprint, checked when it is resumed
+# The trial table of a sweep with errored trials: not the published TUNE_FILE (readers skip "_" files).
+INCOMPLETE_FILE = f"_{TUNE_FILE.removesuffix('.parquet')}.incomplete.parquet"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,17 +524,24 @@ class SweepOutcome:
 
 
 def finish(sweep: Sweep, results: ray.tune.ResultGrid) -> SweepOutcome:
-    """Write the trial table, export the best trial's model, summarise."""
+    """Write the trial table, export the best trial's model, summarise.
+
+    With an errored trial the sweep is not complete: its table goes to :data:`INCOMPLETE_FILE`
+    (an earlier published table is withdrawn) and nothing is exported; a rerun retries those trials."""
     rows = trial_rows(sweep, results)
-    table = storage.join(sweep.dir, TUNE_FILE)
+    errors = sum(r["status"] == "ERROR" for r in rows)
+    table = storage.join(sweep.dir, INCOMPLETE_FILE if errors else TUNE_FILE)
+    if errors and storage.exists(storage.join(sweep.dir, TUNE_FILE)):
+        storage.delete(storage.join(sweep.dir, TUNE_FILE))
     storage.write_table_atomic(table, trial_table(sweep, rows))
     best = best_row(sweep, rows)
     trials, by_q = summary_tables(sweep, rows)
-    return SweepOutcome(rows, table, best, export_best(sweep, best) if best else {}, trials, by_q, results.num_errors)
+    exported = export_best(sweep, best) if best and not errors else {}
+    return SweepOutcome(rows, table, best, exported, trials, by_q, errors)
 
 
 __all__ = [
-    "EPOCHS", "SchedulerConfig", "TuningConfig", "SweepConfig", "Sweep", "trial_config", "build_param_space",
+    "EPOCHS", "INCOMPLETE_FILE", "SchedulerConfig", "TuningConfig", "SweepConfig", "Sweep", "trial_config", "build_param_space",
     "load_sweep", "resolved_yaml", "EpochReport", "train_root", "run_trial", "LastEpochASHA", "sweep_record", "check_resumable",
     "make_tuner", "expected_trials", "unfinished_trials", "trial_rows", "trial_table", "best_row", "export_best",
     "summary_tables", "SweepOutcome", "finish",

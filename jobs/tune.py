@@ -78,7 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\ntrials by {metric} ({mode}):\n{out.trials.to_string(index=False)}")
         print(f"\naccuracy by patch size q:\n{out.by_q.to_string(index=False)}")
     if out.errors:
-        print(f"{out.errors} trial(s) failed (status ERROR in the table); rerunning the command retries them")
+        failed = "; ".join(f"{r['trial_id']}: {str(r['error']).strip().splitlines()[-1]}" for r in out.rows if r["error"])
+        raise SystemExit(f"error: {out.errors} of {len(out.rows)} trial(s) failed ({failed}); the sweep is not "
+                         f"complete (table {out.table}, nothing exported); run the same command again to retry them")
     print(f"\nsweep done in {wall:.0f} s\ntrials table: {out.table}\nTensorBoard:  tensorboard --logdir {sweep.dir}")
     if out.best:
         print(f"best trial:   {out.best['trial_id']} ({out.best['model']}, {metric} {out.best[f'{metric}_last']:.3f})\n"

@@ -83,6 +83,12 @@ def test_placeholder_bucket_is_refused_naming_the_key(no_ray, job, override, key
         module.main([*extra, override])
 
 
+def test_placeholder_results_root_is_refused(no_ray):
+    no_ray.setenv(paths.RESULTS_ENV, "s3://YOUR-BUCKET/bagnet")
+    with pytest.raises(SystemExit, match=r"BAGNET_RESULTS=s3://YOUR-BUCKET/bagnet holds the placeholder bucket"):
+        train.main([])
+
+
 def test_no_config_names_a_bucket():
     """Configs hold relative paths (under BAGNET_RESULTS): the cluster files name the bucket, once."""
     def values(node):
