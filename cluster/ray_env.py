@@ -66,6 +66,7 @@ def quiet_ray() -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         # inherited by the processes of a local Ray instance (a cluster's nodes have their own env)
         os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # Data's per-dataset "execution finished" lines
 
 
 def init_ray(num_cpus: int | None = None, quiet: bool = True, **kwargs) -> dict:
@@ -110,7 +111,9 @@ def data_context(**settings) -> Iterator[None]:
 def _start_local(**kwargs) -> None:
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
-            ray.init(**kwargs)
+            context = ray.init(**kwargs)
+            if context.dashboard_url and not verbose():  # Ray's own line is INFO, off by default
+                print(f"[ray] local instance started; dashboard http://{context.dashboard_url}", flush=True)
             return
         except Exception as err:  # ray raises a bare Exception for a start-up timeout
             if "timed out during startup" not in str(err) or attempt == START_ATTEMPTS:

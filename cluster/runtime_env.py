@@ -44,7 +44,7 @@ EXCLUDES: tuple[str, ...] = (
 # instance profile; add AWS_ACCESS_KEY_ID etc. to compute.forward_env for stores without one).
 FORWARDED_ENV: tuple[str, ...] = (
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
-    "BAGNET_CACHE", "BAGNET_PROGRESS_BARS", "BAGNET_RESULTS", "BAGNET_VERBOSE", "TORCH_HOME",
+    "BAGNET_CACHE", "BAGNET_PROGRESS_BARS", "BAGNET_RESULTS", "BAGNET_VERBOSE",
 )
 CREDENTIAL_ENV: tuple[str, ...] = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 # Never pinned through a runtime env: the cluster's Ray must stay the one its nodes run.

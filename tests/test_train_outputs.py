@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from cluster import training
+from cluster import ray_env, training
 from jobs import train
 from store import storage
 
@@ -63,3 +63,14 @@ def test_training_run_writes_events_and_one_console_line_per_epoch(ray_session, 
     assert "DeprecationWarning" not in text
     metrics = pd.read_parquet(tmp_path / "tb" / "metrics.parquet")
     assert_events_match(read_events(out["run_dir"]), metrics.to_dict("records"), 0.4)  # synthetic.yaml's optim.lr
+
+
+@pytest.mark.parametrize("tty, forced, on", [(True, None, True), (False, None, False), (False, "1", True),
+                                             (True, "0", False)])
+def test_progress_bars_follow_the_terminal(monkeypatch, tty, forced, on):
+    monkeypatch.setattr("sys.stdout.isatty", lambda: tty)
+    if forced is None:
+        monkeypatch.delenv(ray_env.PROGRESS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(ray_env.PROGRESS_ENV, forced)
+    assert ray_env.progress_bars() is on
