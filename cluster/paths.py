@@ -68,13 +68,14 @@ def rooted(path: str, key: str, *, output: bool = True) -> str:
     output path on a cluster without ``BAGNET_RESULTS``."""
     if not is_relative(path):
         return path
-    if root := results_root():
-        return storage.join(root, path) if storage.is_remote(root) else str(Path(root).expanduser() / path)
-    if output and on_cluster():
+    root = results_root()
+    if output and on_cluster() and (root is None or is_relative(root)):  # the job's working directory
         raise ConfigError(
             f"{key}: relative path {path!r} on a cluster would be written into the job's working directory "
             f"on the head node and lost with it; set {RESULTS_ENV}=s3://<bucket>/<prefix> (the shared results "
-            f"root every relative path is under), or give {key} an s3:// path")
+            f"root every relative path is under; an absolute shared folder works too), or give {key} an s3:// path")
+    if root:
+        return storage.join(root, path) if storage.is_remote(root) else str(Path(root).expanduser() / path)
     return path
 
 

@@ -24,9 +24,9 @@ if __package__ in (None, ""):  # `python jobs/train.py` from a checkout
 
 from bagnet.config import ConfigError, dump_yaml, load_config
 from cluster import training
-from cluster.paths import job_paths
 from cluster.configs import CONFIG_DIR, TrainJobConfig
 from cluster.images import check_paths, train_datasets
+from cluster.paths import job_paths
 from cluster.ray_env import init_ray
 
 DEFAULT_CONFIG = CONFIG_DIR / "synthetic.yaml"

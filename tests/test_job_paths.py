@@ -68,6 +68,14 @@ def test_relative_output_on_a_cluster_is_refused_before_ray(no_ray, capsys, job,
     assert paths.RESULTS_ENV in message and "s3://" in message
 
 
+def test_a_relative_results_root_is_refused_on_a_cluster(no_ray):
+    no_ray.setenv(paths.RESULTS_ENV, "results")  # e.g. forwarded from a laptop's shell
+    assert paths.rooted("train", "run.storage_path") == "results/train"
+    no_ray.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    with pytest.raises(SystemExit, match=r"run\.storage_path: relative path 'results/train' on a cluster"):
+        train.main([])
+
+
 @pytest.mark.parametrize("job, override, key", [
     ("train", "run.storage_path=s3://YOUR-BUCKET/bagnet/train", "run.storage_path"),
     ("train", "model.weights=s3://YOUR-BUCKET/w.pt", "model.weights"),
