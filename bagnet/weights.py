@@ -1,8 +1,13 @@
 """Checkpoint loading: local and ``s3://`` paths, https URLs, BagNet release and torchvision names.
 
-Downloads go to ``$BAGNET_CACHE`` (default ``~/.cache/bagnet/checkpoints/``) under the URL's
-file name; a file already there is used without touching the network, so offline machines can be
-served by copying the checkpoint into the cache.
+Downloads go through torch.hub's cache, as torch users expect: torchvision weights to
+``torch.hub.get_dir()/checkpoints/<file name>`` (``$TORCH_HOME/hub/...``, the file torchvision's
+own ``weights.get_state_dict()`` uses), any other URL to ``<cache_dir()>/<host>/<path>``, so two
+URLs with the same file name never share an entry (:func:`cache_dir`: ``$BAGNET_CACHE``, else
+torch.hub's ``checkpoints/``). Downloads show torch.hub's progress bar, and a file name carrying a
+hash (torch.hub's convention, ``name-<sha256 prefix>.ext``) is checked before it enters the cache.
+A file already there is used without touching the network, so offline machines can be served by
+copying the checkpoint to :func:`cache_path`.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import Tensor, nn
 from store import storage
 
 __all__ = [
-    "RELEASE_URLS", "cache_dir", "cache_path", "resolve_url", "read_state_dict", "load_weights",
+    "RELEASE_URLS", "hub_checkpoints", "cache_dir", "cache_path", "hash_prefix", "resolve_url", "read_state_dict", "load_weights",
 ]
 
 _RELEASE_PREFIX = (
@@ -40,15 +45,33 @@ RELEASE_URLS: dict[str, str] = {
 _RELEASE_ALIASES = {"bagnet8": "bagnet9", "bagnet16": "bagnet17", "bagnet32": "bagnet33"}
 
 
+TORCHVISION_HOST = "download.pytorch.org"  # where torchvision's weights enums point
+
+
+def hub_checkpoints() -> Path:
+    """torch.hub's checkpoint folder (``$TORCH_HOME/hub/checkpoints``, default ``~/.cache/torch/...``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
 def cache_dir() -> Path:
-    """``$BAGNET_CACHE`` or ``~/.cache/bagnet/checkpoints``."""
+    """``$BAGNET_CACHE``, else torch.hub's checkpoint folder."""
     env = os.environ.get("BAGNET_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "bagnet" / "checkpoints"
+    return Path(env).expanduser() if env else hub_checkpoints()
 
 
 def cache_path(url: str) -> Path:
-    """Where the checkpoint at ``url`` is (or would be) cached."""
-    return cache_dir() / os.path.basename(urlparse(url).path)
+    """Where the checkpoint at ``url`` is (or would be) cached: keyed by host and path, except
+    torchvision's weights, which share torch.hub's own file."""
+    parts = urlparse(url)
+    if parts.hostname == TORCHVISION_HOST:
+        return hub_checkpoints() / os.path.basename(parts.path)
+    return cache_dir() / parts.netloc.replace(":", "_") / parts.path.lstrip("/")
+
+
+def hash_prefix(url: str) -> str | None:
+    """The SHA-256 prefix a file name carries (``bagnet8-34f4ccd2.pth.tar``), torch.hub's convention."""
+    match = torch.hub.HASH_REGEX.search(os.path.basename(urlparse(url).path))
+    return match.group(1) if match and match.group(1) else None
 
 
 def _torchvision_url(weights: str, name: str | None) -> str | None:
@@ -91,8 +114,14 @@ def _download(url: str) -> Path:
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(url, str(path), progress=False)
+    expected = hash_prefix(url)
+    try:  # writes a temporary file and moves it into place only when the hash matches
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=expected, progress=True)
+    except RuntimeError as exc:
+        if expected and "invalid hash value" in str(exc):
+            raise RuntimeError(f"download of {url} is corrupt: its SHA-256 does not start with {expected}, "
+                               f"the hash its file name carries ({exc}); nothing was cached") from exc
+        raise RuntimeError(f"could not download {url} ({exc}); download it elsewhere and place it at {path}") from exc
     except Exception as exc:  # noqa: BLE001 - any network failure gets the same advice
         raise RuntimeError(
             f"could not download {url} ({type(exc).__name__}: {exc}); "

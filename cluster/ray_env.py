@@ -7,18 +7,27 @@
 A dashboard URL in ``RAY_ADDRESS`` (``http://127.0.0.1:8265``, as some Ray docs suggest for
 ``ray job submit``) is a job-submission address, not one a driver can connect to; that raises with
 the fix. Keep it in ``RAY_API_SERVER_ADDRESS``, which only the ``ray job`` CLI reads.
+
+The console shows the project's lines (one per epoch, per experiment part); Ray's own INFO
+chatter (Train's reports and checkpoint lines, Data's execution banners, deprecation warnings)
+is off unless ``BAGNET_VERBOSE=1``. Ray Data's progress bars are on where stdout is a terminal
+(``BAGNET_PROGRESS_BARS=1`` / ``0`` forces them on / off).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import ray
 
 START_ATTEMPTS = 3  # a loaded machine can miss Ray's fixed 30 s raylet start-up wait
+VERBOSE_ENV = "BAGNET_VERBOSE"
+PROGRESS_ENV = "BAGNET_PROGRESS_BARS"
 
 
 class RayAddressError(RuntimeError):
@@ -38,22 +47,47 @@ def cluster_address() -> str | None:
     return address
 
 
+def verbose() -> bool:
+    """``BAGNET_VERBOSE=1``: Ray's INFO logs and deprecation warnings back on the console."""
+    return os.environ.get(VERBOSE_ENV, "0") == "1"
+
+
+def progress_bars() -> bool:
+    """Ray Data progress bars: ``BAGNET_PROGRESS_BARS`` when set, else whether stdout is a terminal."""
+    forced = os.environ.get(PROGRESS_ENV, "").strip()
+    return forced == "1" if forced else sys.stdout.isatty()
+
+
+def quiet_ray() -> None:
+    """Set, before Ray starts, what keeps its chatter off this process's console and its workers'."""
+    # Train V2 tees each worker print() to a logger that also prints it: every line twice.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+    if not verbose():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # inherited by the processes of a local Ray instance (a cluster's nodes have their own env)
+        os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # Data's per-dataset "execution finished" lines
+
+
 def init_ray(num_cpus: int | None = None, quiet: bool = True, **kwargs) -> dict:
     """Connect to ``RAY_ADDRESS`` or start Ray locally; returns the cluster's resources.
 
     Reuses an already initialised Ray (tests share one instance). ``num_cpus`` only sizes a local
     instance (a cluster brings its own resources); a local start that times out (raylet start-up
     on an overloaded machine) is retried. ``quiet`` hides Ray Data's per-dataset execution
-    banners (``BAGNET_PROGRESS_BARS=1`` turns progress bars back on).
+    banners; with ``BAGNET_VERBOSE`` unset the job's workers log at WARNING (see the module doc).
     """
     if not ray.is_initialized():
+        quiet_ray()
         kwargs.setdefault("log_to_driver", True)
+        if not verbose():
+            kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="WARNING"))
         if address := cluster_address():
             ray.init(address=address, **kwargs)
         else:
             _start_local(num_cpus=num_cpus, **kwargs)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = os.environ.get("BAGNET_PROGRESS_BARS", "0") == "1"
+    ctx.enable_progress_bars = progress_bars()
     if quiet:
         ctx.print_on_execution_start = False
     return ray.cluster_resources()
@@ -77,7 +111,9 @@ def data_context(**settings) -> Iterator[None]:
 def _start_local(**kwargs) -> None:
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
-            ray.init(**kwargs)
+            context = ray.init(**kwargs)
+            if context.dashboard_url and not verbose():  # Ray's own line is INFO, off by default
+                print(f"[ray] local instance started; dashboard http://{context.dashboard_url}", flush=True)
             return
         except Exception as err:  # ray raises a bare Exception for a start-up timeout
             if "timed out during startup" not in str(err) or attempt == START_ATTEMPTS:

@@ -49,7 +49,7 @@ def read_ignore_file(path: str | Path = RAYIGNORE) -> tuple[str, ...]:
 # instance profile or ~/.bagnet/secrets.env).
 FORWARDED_ENV: tuple[str, ...] = (
     "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE",
-    "BAGNET_CACHE", "BAGNET_PROGRESS_BARS",
+    "BAGNET_CACHE", "BAGNET_PROGRESS_BARS", "BAGNET_RESULTS", "BAGNET_VERBOSE",
 )
 # Never pinned through a runtime env: the cluster's Ray must stay the one its nodes run.
 NOT_SHIPPED: tuple[str, ...] = ("ray",)

@@ -38,7 +38,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from bagnet.config import ConfigError, dump_yaml, from_dict, merge, parse_overrides, read_yaml, require, to_dict
 from bagnet.models import model_q
-from cluster import training
+from cluster import paths, training
 from cluster.configs import TrainJobConfig
 from cluster.images import train_datasets
 from cluster.ray_env import init_ray
@@ -52,6 +52,8 @@ FIXED_KEYS = {"optim.epochs": "it is the scheduler's max_t; set it under train:"
               "run.name": "each trial's Train run is named after the trial",
               "run.storage_path": "Train runs live under the sweep directory"}
 RECORD_FILE = "sweep.yaml"  # the sweep's fingerprint, checked when it is resumed
+# The trial table of a sweep with errored trials: not the published TUNE_FILE (readers skip "_" files).
+INCOMPLETE_FILE = f"_{TUNE_FILE.removesuffix('.parquet')}.incomplete.parquet"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,15 +255,18 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     try:
         config = from_dict(SweepConfig, raw)
         base = read_yaml(path.parent / config.base) if config.base else {}
-        base = _absolute_local_paths(merge(base, config.train))
+        paths.check_placeholder(raw)
+        paths.check_placeholder(base, "base")
+        base = _absolute_local_paths(paths.root_paths(merge(base, config.train), TrainJobConfig, outputs=False))
         try:
             from_dict(TrainJobConfig, base)
         except ConfigError as err:
             raise ConfigError(f"train.{err}") from None
         param_space = build_param_space(base, config.search_space)
+        storage_path = storage.resolve(paths.rooted(config.tune.storage_path, "tune.storage_path"))
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
-    return Sweep(config, base, param_space, config.tune.name or path.stem, storage.resolve(config.tune.storage_path))
+    return Sweep(config, base, param_space, config.tune.name or path.stem, storage_path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +339,14 @@ def sweep_record(sweep: Sweep) -> dict[str, Any]:
     tune_cfg = {k: v for k, v in to_dict(sweep.config.tune).items()
                 if k not in ("verbose", "max_concurrent_trials")}
     return {"train": sweep.base, "search_space": sweep.config.search_space, "tune": tune_cfg}
+
+
+def resolved_yaml(sweep: Sweep) -> str:
+    """The sweep as it runs: its name, the base training config with the sweep's ``train:`` applied,
+    the search space and ``tune:`` (storage resolved), as YAML."""
+    tune_cfg = {**to_dict(sweep.config.tune), "name": sweep.name, "storage_path": sweep.storage_path}
+    return yaml.safe_dump({"train": sweep.base, "search_space": sweep.config.search_space, "tune": tune_cfg},
+                          sort_keys=False)
 
 
 def check_resumable(sweep: Sweep) -> bool:
@@ -511,18 +524,25 @@ class SweepOutcome:
 
 
 def finish(sweep: Sweep, results: ray.tune.ResultGrid) -> SweepOutcome:
-    """Write the trial table, export the best trial's model, summarise."""
+    """Write the trial table, export the best trial's model, summarise.
+
+    With an errored trial the sweep is not complete: its table goes to :data:`INCOMPLETE_FILE`
+    (an earlier published table is withdrawn) and nothing is exported; a rerun retries those trials."""
     rows = trial_rows(sweep, results)
-    table = storage.join(sweep.dir, TUNE_FILE)
+    errors = sum(r["status"] == "ERROR" for r in rows)
+    table = storage.join(sweep.dir, INCOMPLETE_FILE if errors else TUNE_FILE)
+    if errors and storage.exists(storage.join(sweep.dir, TUNE_FILE)):
+        storage.delete(storage.join(sweep.dir, TUNE_FILE))
     storage.write_table_atomic(table, trial_table(sweep, rows))
     best = best_row(sweep, rows)
     trials, by_q = summary_tables(sweep, rows)
-    return SweepOutcome(rows, table, best, export_best(sweep, best) if best else {}, trials, by_q, results.num_errors)
+    exported = export_best(sweep, best) if best and not errors else {}
+    return SweepOutcome(rows, table, best, exported, trials, by_q, errors)
 
 
 __all__ = [
-    "EPOCHS", "SchedulerConfig", "TuningConfig", "SweepConfig", "Sweep", "trial_config", "build_param_space",
-    "load_sweep", "EpochReport", "train_root", "run_trial", "LastEpochASHA", "sweep_record", "check_resumable",
+    "EPOCHS", "INCOMPLETE_FILE", "SchedulerConfig", "TuningConfig", "SweepConfig", "Sweep", "trial_config", "build_param_space",
+    "load_sweep", "resolved_yaml", "EpochReport", "train_root", "run_trial", "LastEpochASHA", "sweep_record", "check_resumable",
     "make_tuner", "expected_trials", "unfinished_trials", "trial_rows", "trial_table", "best_row", "export_best",
     "summary_tables", "SweepOutcome", "finish",
 ]

@@ -10,6 +10,8 @@ A run lives in ``<run.storage_path>/<name>/``:
   the history kept inside it, so a resumed run has each epoch exactly once;
 - ``config.yaml``: the resolved training config (its model and data sections are the run's
   fingerprint, see :func:`fingerprint`);
+- ``events.out.tfevents.bagnet``: TensorBoard's view of the same history (train/val loss, top-1,
+  top-5, lr, images/s per epoch; the hyperparameters), rewritten with ``metrics.parquet``;
 - ``model.pt``: the final model with its spec (:func:`bagnet.models.model_bytes`), so
   ``create_model(name, weights=...)`` rebuilds exactly the trained function (options such as
   ``aligned``, number of classes, class names).
@@ -17,6 +19,7 @@ A run lives in ``<run.storage_path>/<name>/``:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import tempfile
@@ -32,6 +35,8 @@ import ray.train.torch
 import torch
 import yaml
 from ray.train.torch import TorchTrainer
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams
 
 from bagnet.config import ConfigError, dump_yaml, to_dict
 from bagnet.imagenet import to_model_input
@@ -39,6 +44,7 @@ from bagnet.models import ModelSpec, create_model, model_bytes
 from bagnet.training import evaluate, make_optimizer, train_epoch
 from cluster.configs import TrainJobConfig
 from cluster.images import TrainData
+from cluster.ray_env import verbose
 from store import storage
 from store.results import CONFIG_FILE, METRICS_FILE, MODEL_FILE, RerunMismatch, check_fingerprint
 
@@ -172,6 +178,37 @@ def write_metrics(path: str, history: list[dict[str, Any]]) -> None:
     storage.write_table_atomic(storage.join(path, METRICS_FILE), pa.Table.from_pylist(history))
 
 
+TENSORBOARD_FILE = "events.out.tfevents.bagnet"  # TensorBoard reads any file named *tfevents*
+TENSORBOARD_SCALARS = {"train/loss": "train_loss", "val/loss": "val_loss", "train/top1": "train_top1",
+                       "val/top1": "val_top1", "train/top5": "train_top5", "val/top5": "val_top5",
+                       "lr": "lr", "images_per_s": "images_per_s"}
+
+
+def run_hparams(cfg: TrainJobConfig) -> dict[str, Any]:
+    """The hyperparameters TensorBoard's HPARAMS tab shows for a run (model options included)."""
+    out = {"model.name": cfg.model.name, "data.dataset": cfg.data.dataset, "data.image_size": cfg.data.image_size,
+           "scaling.num_workers": cfg.scaling.num_workers,
+           **{f"optim.{k}": getattr(cfg.optim, k) for k in ("lr", "batch_size", "epochs", "weight_decay", "schedule")}}
+    out.update({f"model.options.{k}": v for k, v in cfg.model.options.items()})
+    return {k: v for k, v in out.items() if isinstance(v, (bool, int, float, str))}
+
+
+def write_tensorboard(path: str, history: list[dict[str, Any]], hparam_dict: dict[str, Any]) -> None:
+    """Rewrite run folder ``path``'s TensorBoard event file from the epoch history (step = epochs
+    done), like ``metrics.parquet``: written locally, then put in place (``s3://`` too) in one write."""
+    with tempfile.TemporaryDirectory() as tmp:
+        with SummaryWriter(tmp) as writer:
+            for row in history:
+                for tag, key in TENSORBOARD_SCALARS.items():
+                    writer.add_scalar(tag, row[key], row["epoch"] + 1, walltime=row["finished_at"])
+            last = history[-1]
+            for summary in hparams(hparam_dict, {"hparam/val_top1": last["val_top1"], "hparam/val_top5": last["val_top5"]}):
+                writer.file_writer.add_summary(summary)
+        (event_file,) = [name for name in os.listdir(tmp) if "tfevents" in name]
+        with open(os.path.join(tmp, event_file), "rb") as f:
+            storage.write_bytes_atomic(storage.join(path, TENSORBOARD_FILE), f.read())
+
+
 def _maybe_crash(crash_after_epoch: int | None, epoch: int, path: str) -> None:
     """Fault drill: kill this worker process once (a marker in the run dir records that it happened)."""
     if crash_after_epoch != epoch:
@@ -199,6 +236,8 @@ def train_loop(loop_config: dict[str, TrainTask]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     log = (lambda msg: print(f"[train] {msg}", flush=True)) if rank == 0 else None
+    if not verbose():  # Train's INFO lines (each report, each checkpoint) reach the console through the root logger
+        logging.getLogger().setLevel(logging.WARNING)
 
     torch.manual_seed(cfg.run.seed)
     model = create_model(spec.name, num_classes=spec.num_classes, weights=cfg.model.weights, **spec.options)
@@ -243,6 +282,7 @@ def train_loop(loop_config: dict[str, TrainTask]) -> None:
             ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_dir_name(epoch))
         if rank == 0:
             write_metrics(task.run_dir, history)
+            write_tensorboard(task.run_dir, history, run_hparams(cfg))
             _maybe_crash(cfg.run.crash_after_epoch, epoch, task.run_dir)
             log(f"epoch {epoch + 1}/{cfg.optim.epochs} train_loss {row['train_loss']:.3f} train_top1 "
                 f"{row['train_top1']:.3f} val_top1 {row['val_top1']:.3f} val_top5 {row['val_top5']:.3f} "
@@ -269,6 +309,7 @@ def build_trainer(cfg: TrainJobConfig, name: str, storage_path: str, data: Train
             accelerator_type=cfg.scaling.accelerator_type),
         run_config=ray.train.RunConfig(
             name=name, **ray_storage(storage_path), callbacks=callbacks,
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.checkpoints_to_keep)),
         datasets={"train": data.train, "val": data.val},
@@ -302,5 +343,5 @@ def fit(cfg: TrainJobConfig, name: str, data: TrainData) -> TrainResult:
 __all__ = [
     "STATE_FILE", "METRICS_FILE", "MODEL_FILE", "TrainTask", "TrainResult", "ray_storage", "run_dir",
     "fingerprint", "check_rerun", "model_spec", "checkpoint_dir_name", "checkpoint_epoch", "checkpoint_state",
-    "write_metrics", "train_loop", "build_trainer", "export_model", "fit",
+    "write_metrics", "TENSORBOARD_FILE", "run_hparams", "write_tensorboard", "train_loop", "build_trainer", "export_model", "fit",
 ]

@@ -20,25 +20,30 @@ from typing import Any
 if __package__ in (None, ""):  # `python jobs/experiment.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bagnet.config import ConfigError, load_config
+from bagnet.config import ConfigError, dump_yaml, load_config
 from bagnet.experiments import EXPERIMENTS
 from cluster import evaluation
 from cluster.configs import CONFIG_DIR, ExperimentJobConfig
 from cluster.images import ImageReadError
+from cluster.paths import job_paths
 
 DEFAULT_CONFIG = CONFIG_DIR / "experiments-synthetic.yaml"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment", required=True,
+    parser.add_argument("--experiment",
                         help=f"experiment name(s), comma-separated, or 'all': {', '.join(EXPERIMENTS)} "
                              "(and those of the config's `modules:`)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG),
                         help="YAML config (default: configs/experiments-synthetic.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="validate, print the resolved config (YAML), exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. data.test_size=256 compute.actor_pool_size=2 run_id=try1")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not (args.experiment or args.print_config):
+        parser.error("the following arguments are required: --experiment")
+    return args
 
 
 def print_summary(run: dict[str, Any]) -> None:
@@ -59,9 +64,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run the experiments; returns :func:`cluster.evaluation.run_plan`'s summary."""
     args = parse_args(argv)
     try:
-        cfg = load_config(ExperimentJobConfig, args.config, args.overrides)  # registers `modules:` first
+        cfg = job_paths(load_config(ExperimentJobConfig, args.config, args.overrides))  # registers `modules:` first
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return {"config": cfg}
     return run(cfg, args.experiment, args.config)
 
 

@@ -22,8 +22,9 @@ if __package__ in (None, ""):  # `python jobs/reproduce.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.report import build_report
-from bagnet.config import ConfigError, load_config, to_dict, updated
+from bagnet.config import ConfigError, dump_yaml, load_config, to_dict, updated
 from cluster.configs import CONFIG_DIR, ExperimentJobConfig, ReproduceConfig, TrainJobConfig, config_path
+from cluster.paths import job_paths
 from jobs import experiment, train
 from store import storage
 from store.results import MODEL_FILE
@@ -34,8 +35,8 @@ DEFAULT_CONFIG = CONFIG_DIR / "reproduce-synthetic.yaml"
 def train_configs(cfg: ReproduceConfig) -> dict[str, TrainJobConfig]:
     """One training config per model of the train stage, named after the model."""
     base = load_config(TrainJobConfig, config_path(cfg.train.config), cfg.train.overrides)
-    return {model: updated(base, {"model": {"name": model},
-                                  "run": {"name": model, "storage_path": cfg.train.storage_path}})
+    return {model: job_paths(updated(base, {"model": {"name": model},
+                                            "run": {"name": model, "storage_path": cfg.train.storage_path}}))
             for model in cfg.train.models}
 
 
@@ -44,7 +45,7 @@ def experiment_config(cfg: ReproduceConfig) -> ExperimentJobConfig:
     exp = load_config(ExperimentJobConfig, config_path(cfg.experiments.config), cfg.experiments.overrides)
     trained = {m: storage.join(cfg.train.storage_path, m, MODEL_FILE) for m in cfg.train.models}
     models = [{**to_dict(m), "weights": trained.get(m.name, m.weights)} for m in exp.models]
-    return updated(exp, {"models": models})
+    return job_paths(updated(exp, {"models": models}))
 
 
 def run_stages(cfg: ReproduceConfig) -> dict:
@@ -78,12 +79,18 @@ def run_stages(cfg: ReproduceConfig) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/reproduce-synthetic.yaml)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="validate, print the resolved config and each stage's (YAML documents), exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. report.out=/tmp/report")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(ReproduceConfig, args.config, args.overrides)
+        cfg = job_paths(load_config(ReproduceConfig, args.config, args.overrides))
+        stages = [*train_configs(cfg).values(), experiment_config(cfg)] if args.print_config else []
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
+    if args.print_config:
+        print("---\n".join(dump_yaml(c) for c in (cfg, *stages)), end="")
+        return {"config": cfg}
     return run_stages(cfg)
 
 

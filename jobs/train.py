@@ -22,10 +22,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python jobs/train.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bagnet.config import ConfigError, load_config
+from bagnet.config import ConfigError, dump_yaml, load_config
 from cluster import training
 from cluster.configs import CONFIG_DIR, TrainJobConfig
 from cluster.images import check_paths, skipped_images, train_datasets
+from cluster.paths import job_paths
 from cluster.ray_env import init_ray
 
 DEFAULT_CONFIG = CONFIG_DIR / "synthetic.yaml"
@@ -34,6 +35,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "synthetic.yaml"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/synthetic.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="validate, print the resolved config (YAML), exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. optim.lr=0.05 scaling.num_workers=4 model.options.aligned=true")
     return parser.parse_args(argv)
@@ -42,9 +44,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
-        cfg = load_config(TrainJobConfig, args.config, args.overrides)
+        cfg = job_paths(load_config(TrainJobConfig, args.config, args.overrides))
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return {"config": cfg}
     return train(cfg, cfg.run.name or Path(args.config).stem)
 
 

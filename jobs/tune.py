@@ -41,6 +41,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "tune-synthetic.yaml"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="sweep YAML (default: configs/tune-synthetic.yaml)")
+    parser.add_argument("--print-config", action="store_true", help="validate, print the resolved sweep (YAML), exit")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="dotted overrides, e.g. tune.max_concurrent_trials=1 train.optim.epochs=2 "
                              "'search_space.optim.lr={grid: [0.1, 0.4]}'")
@@ -51,6 +52,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         sweep = sweeps.load_sweep(args.config, args.overrides)
+        if args.print_config:
+            print(sweeps.resolved_yaml(sweep), end="")
+            return {"sweep": sweep}
         check_paths(sweeps.trial_config(sweep.base, {}).data)
         sweeps.check_resumable(sweep)
     except ConfigError as err:
@@ -74,7 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"\ntrials by {metric} ({mode}):\n{out.trials.to_string(index=False)}")
         print(f"\naccuracy by patch size q:\n{out.by_q.to_string(index=False)}")
     if out.errors:
-        print(f"{out.errors} trial(s) failed (status ERROR in the table); rerunning the command retries them")
+        failed = "; ".join(f"{r['trial_id']}: {str(r['error']).strip().splitlines()[-1]}" for r in out.rows if r["error"])
+        raise SystemExit(f"error: {out.errors} of {len(out.rows)} trial(s) failed ({failed}); the sweep is not "
+                         f"complete (table {out.table}, nothing exported); run the same command again to retry them")
     print(f"\nsweep done in {wall:.0f} s\ntrials table: {out.table}\nTensorBoard:  tensorboard --logdir {sweep.dir}")
     if out.best:
         print(f"best trial:   {out.best['trial_id']} ({out.best['model']}, {metric} {out.best[f'{metric}_last']:.3f})\n"

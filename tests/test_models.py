@@ -324,9 +324,10 @@ def test_url_served_from_cache(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("BAGNET_CACHE", str(tmp_path))
     monkeypatch.setattr(torch.hub, "download_url_to_file", _no_network)
     url = "https://example.org/models/tiny-0123abcd.pth"
-    assert W.cache_path(url) == tmp_path / "tiny-0123abcd.pth"
+    assert W.cache_path(url) == tmp_path / "example.org" / "models" / "tiny-0123abcd.pth"
     state = _randomised(create_model("bagnet33_small", num_classes=4))
-    torch.save(state, tmp_path / "tiny-0123abcd.pth")
+    W.cache_path(url).parent.mkdir(parents=True)
+    torch.save(state, W.cache_path(url))
     _assert_loaded(create_model("bagnet33_small", num_classes=4, weights=url), state)
 
 
@@ -337,8 +338,8 @@ def test_release_name_served_from_cache(tmp_path, monkeypatch) -> None:
     assert W.RELEASE_URLS["bagnet33"].endswith("/bagnet32-2ddd53ed.pth.tar")
     assert W.resolve_url("bagnet16") == W.RELEASE_URLS["bagnet17"]
     state = _randomised(bagnet9())
-    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}},
-               tmp_path / "bagnet8-34f4ccd2.pth.tar")
+    W.cache_path(W.RELEASE_URLS["bagnet9"]).parent.mkdir(parents=True)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, W.cache_path(W.RELEASE_URLS["bagnet9"]))
     _assert_loaded(create_model("bagnet9", weights="release"), state)
     _assert_loaded(create_model("bagnet9", weights="bagnet9"), state)
     with pytest.raises(ValueError, match="no released weights"):
@@ -348,6 +349,7 @@ def test_release_name_served_from_cache(tmp_path, monkeypatch) -> None:
 @pytest.mark.parametrize("name,weights", [("bagnet33", "release"), ("resnet50", "IMAGENET1K_V1")])
 def test_offline_error_names_url_and_cache_path(tmp_path, monkeypatch, name, weights) -> None:
     monkeypatch.setenv("BAGNET_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
 
     def offline(url, dst, *args, **kwargs):
         raise OSError("network unreachable")
@@ -358,7 +360,7 @@ def test_offline_error_names_url_and_cache_path(tmp_path, monkeypatch, name, wei
     with pytest.raises(RuntimeError) as info:
         W.load_weights(nn.Linear(1, 1), weights, name=name)
     assert url in str(info.value)
-    assert str(tmp_path / "cache" / url.rsplit("/", 1)[-1]) in str(info.value)
+    assert str(W.cache_path(url)) in str(info.value) and str(tmp_path) in str(W.cache_path(url))
 
 
 def test_torchvision_weight_names() -> None:
