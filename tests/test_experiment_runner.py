@@ -39,7 +39,7 @@ TINY_PARAMS = {
     "shuffle": "{tiles: [16], num_perms: 1}",
     "interaction": "{region_sizes: [8], distances: [0, 16], pairs_per_distance: 1}",
     "masking": "{rankings: [random, bagnet_heatmap], ks: [0, 2], heatmap_model: bagnet9_small}",
-    "localization": "{images: 2, ig_steps: 2, occlusion_window: 16, occlusion_stride: 16}",
+    "localization": "{images: 8, ig_steps: 2, occlusion_window: 16, occlusion_stride: 16}",
 }
 
 

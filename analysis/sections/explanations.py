@@ -21,7 +21,9 @@ def localization_section(builder: Builder) -> Section:
     if df is None:
         return sec
     order = model_order(df)
-    table = in_model_order(localization.summary(df), order)
+    rank = {m: i for i, m in enumerate(localization.METHODS)}
+    table = localization.summary(df).assign(_m=lambda t: t["method"].map(rank))
+    table = in_model_order(table, order, after=["_m"]).drop(columns="_m")
     methods = list(dict.fromkeys(m for m in localization.METHODS if m in set(table["method"])))
     matrices = []
     for value, title in (("energy_in_boxes", "share of positive attribution in the boxes"),

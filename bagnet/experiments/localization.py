@@ -30,6 +30,7 @@ so the default run stays cheap whatever ``data.test_size`` is.
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -58,6 +59,8 @@ SCHEMA = pa.schema([
     ("box_fraction", pa.float64()),
 ])
 REPORT = CustomSection("explanations")
+# captum's notices on every call (inputs made to require gradients, hooks set on ReLUs): expected here
+CAPTUM_NOTICES = ("Input Tensor .* did not already require gradients", "Setting forward, backward hooks")
 
 
 @dataclass
@@ -197,7 +200,9 @@ def attribution_maps(method: str, model: nn.Module, images: Tensor, labels: Tens
     """``(N, H, W)`` attribution of each image's label by ``method``, summed over channels."""
     if method == "bagnet_heatmap":
         return bagnet_map(model, images, labels).float()
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), warnings.catch_warnings():
+        for notice in CAPTUM_NOTICES:
+            warnings.filterwarnings("ignore", message=notice, category=UserWarning)
         x, y = images.clone(), labels.clone()  # normal tensors even if the caller is in inference mode
         if method == "integrated_gradients":
             attr = IntegratedGradients(model).attribute(
@@ -264,10 +269,11 @@ def run(model: nn.Module, images: Tensor, labels: Tensor, params: Params, *,
 
 
 def summary(df: pd.DataFrame) -> pd.DataFrame:
-    """Per ``(model, method)``: images, mean ``energy_in_boxes`` (NaN maps left out), pointing-game
-    hit rate, mean ``box_fraction`` and the layer Grad-CAM read."""
-    grouped = df.groupby(["model", "method"], sort=False, observed=True)
+    """Per ``(model, method)``, methods in ``METHODS`` order: images, mean ``energy_in_boxes`` (NaN
+    maps left out), pointing-game hit rate, mean ``box_fraction`` and the layer Grad-CAM read."""
+    data = df.assign(model=df["model"].astype(str), method=pd.Categorical(df["method"], list(METHODS)))
+    grouped = data.groupby(["model", "method"], sort=True, observed=True)
     out = grouped.agg(images=("image_id", "size"), energy_in_boxes=("energy_in_boxes", "mean"),
                       pointing_game=("max_in_boxes", "mean"), box_fraction=("box_fraction", "mean"),
                       layer=("layer", "first"))
-    return out.reset_index()
+    return out.reset_index().assign(method=lambda t: t["method"].astype(str))
