@@ -53,7 +53,7 @@ DATASETS = ("synthetic",)  # the only data with ground-truth boxes
 METHODS: tuple[str, ...] = ("bagnet_heatmap", "integrated_gradients", "saliency", "deeplift", "occlusion", "gradcam")
 SCHEMA = pa.schema([
     ("method", pa.string()),
-    ("layer", pa.string()),  # gradcam: the convolution it reads; "" otherwise
+    ("layer", pa.string()),  # gradcam: the module whose feature map it reads; "" otherwise
     ("energy_in_boxes", pa.float64()),
     ("max_in_boxes", pa.bool_()),
     ("box_fraction", pa.float64()),
@@ -237,8 +237,8 @@ def methods_for(model: nn.Module, methods: list[str]) -> list[str]:
 def world_of(ctx: ExperimentContext, experiment: str) -> SyntheticWorld:
     """The synthetic world of the run, or a ValueError saying that the experiment needs it."""
     if ctx.world is None:
-        raise ValueError(f"{experiment} experiment on {ctx.model_name!r}: needs the synthetic world's ground truth "
-                         "(data.dataset: synthetic); these images have none")
+        raise ValueError(f"{experiment} experiment on {ctx.model_name!r}: needs the synthetic world "
+                         "(data.dataset: synthetic, given as ctx.world); these images come without one")
     return ctx.world
 
 
