@@ -123,8 +123,8 @@ def make_plan(cfg: ExperimentJobConfig, experiments: list[str], config_path: str
     for name, module in modules.items():
         datasets = getattr(module, "DATASETS", None)
         if datasets is not None and cfg.data.dataset not in datasets:
-            require(len(modules) > 1, f"experiments.{name}",
-                    f"needs data.dataset in {list(datasets)}, got {cfg.data.dataset!r}")
+            require(any(cfg.data.dataset in getattr(m, "DATASETS", [cfg.data.dataset]) for m in modules.values()),
+                    f"experiments.{name}", f"needs data.dataset in {list(datasets)}, got {cfg.data.dataset!r}")
             print(f"[experiment] {name}: not defined for data.dataset={cfg.data.dataset}; left out", flush=True)
             continue
         applies_to = getattr(module, "applies_to", lambda model_name: True)

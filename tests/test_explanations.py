@@ -10,7 +10,7 @@ import pytest
 import torch
 from captum.attr import DeepLift
 
-from bagnet.config import load_config
+from bagnet.config import ConfigError, load_config
 from bagnet.experiments import EXPERIMENTS, ExperimentContext, cue_conflict, localization
 from bagnet.heatmap import coarse_heatmap
 from bagnet.imagenet import to_model_input
@@ -226,8 +226,9 @@ def test_the_runner_refuses_or_leaves_them_out_on_data_without_ground_truth(tmp_
             f"data.root={tmp_path / 'imagenet'}", "split=val"])
         return evaluation.make_plan(cfg, evaluation.parse_experiments(experiments), None)
 
-    with pytest.raises(Exception, match=r"experiments.localization: needs data.dataset in \['synthetic'\], got 'imagenet'"):
-        plan("localization")
+    for alone in ("localization", "localization,cue_conflict"):  # nothing left to run: refused, naming the key
+        with pytest.raises(ConfigError, match=r"experiments.localization: needs data.dataset in \['synthetic'\], got 'imagenet'"):
+            plan(alone)
     assert [p.key for p in plan("predictions,localization,cue_conflict").parts] == ["predictions/bagnet9_small"]
     out = capsys.readouterr().out
     assert "localization: not defined for data.dataset=imagenet; left out" in out
