@@ -29,6 +29,7 @@ from bagnet.metrics import group_mean
 from store import storage
 
 SPLITS: dict[str, int] = {"train": 0, "val": 1, "test": 2}
+CUE_CONFLICT_STREAM = 1  # appended to an image's generator seed: cue-conflict images draw their own stream
 MOTIF_SIZE = 3
 LOCAL_SCALE = 9  # the patch size that solves a local class (smallest BagNet)
 BACKGROUND = (96, 63)  # background pixels: low + (random byte & mask), i.e. uniform on 96..159
@@ -75,6 +76,9 @@ class ClassSpec:
     motifs: tuple[int, ...] = ()  # local: (m,); arrangement: (A, B)
     orientation: str | None = None  # arrangement: "h" (side by side) | "v" (one above the other)
     offsets: tuple[int, int] | None = None  # arrangement: inclusive range of the offset d (px)
+
+
+Box = tuple[int, int, int, int]  # (top, left, bottom, right), exclusive ends (BagNet.patch_box's convention)
 
 
 @dataclass
@@ -197,16 +201,60 @@ class SyntheticWorld:
             "scale": np.array([self.classes[y].scale for y in labels], dtype=np.int64),
         }
 
+    # -- ground truth and cue conflict ------------------------------------------------------
+
+    def evidence_boxes(self, index: int, split: str = "train") -> list[Box]:
+        """Pixel boxes of the class evidence of image ``index``: one ``MOTIF_SIZE`` box per class
+        motif the generator painted (every copy of a local class's glyph; a pair's A and B), as
+        ``(top, left, bottom, right)`` with exclusive ends. Distractors are not evidence (a
+        distractor painted over part of a class motif leaves its box as drawn)."""
+        meta = self.sample(index, split).meta
+        own = self.classes[meta["label"]].motifs
+        return [(y, x, y + MOTIF_SIZE, x + MOTIF_SIZE) for mid, y, x in meta["motifs"] if mid in own]
+
+    def ground_truth(self, image_id: str) -> list[Box]:
+        """:meth:`evidence_boxes` of the image ``image_id`` (``synthetic/<split>/<index>``)."""
+        split, index = self.parse_image_id(image_id)
+        return self.evidence_boxes(index, split)
+
+    def cue_conflicts(self) -> list[tuple[int, int]]:
+        """Every ``(motif class, arrangement class)`` a cue-conflict image can take: the glyph of
+        each local class in the layout of each arrangement class. Only these are defined: a local
+        class has no arrangement (its copies lie anywhere), and a pair's glyphs name the pair but
+        not its orientation, so they cannot stand for one class."""
+        local = [c for c, spec in enumerate(self.classes) if spec.kind == "local"]
+        return [(a, b) for b, spec in enumerate(self.classes) if spec.kind == "arrangement" for a in local]
+
+    def cue_conflict(self, index: int, split: str = "train") -> Sample:
+        """Cue-conflict image ``index`` of ``split``: the layout of an arrangement class (its
+        offset, orientation, positions and distractors, drawn as for that class) with both of the
+        pair's glyphs replaced by the glyph of a local class. The combination is
+        ``cue_conflicts()[index % len(cue_conflicts())]``; the draws come from their own stream
+        (``CUE_CONFLICT_STREAM``), so the image is not a re-coloured regular image. ``label`` is the
+        arrangement class; ``meta`` adds ``motif_class`` and ``arrangement_class``."""
+        combos = self.cue_conflicts()
+        if not combos:
+            raise ValueError("cue conflicts need at least one local and one arrangement class")
+        motif_class, arrangement_class = combos[int(index) % len(combos)]
+        image = np.empty((self.image_size, self.image_size, 3), np.uint8)
+        meta = self._render(int(index), split, image, label=arrangement_class,
+                            glyph=self.classes[motif_class].motifs[0], stream=(CUE_CONFLICT_STREAM,))
+        meta.update(motif_class=motif_class, arrangement_class=arrangement_class)
+        return Sample(image, arrangement_class, meta)
+
     # -- rendering -------------------------------------------------------------------------
 
-    def _render(self, index: int, split: str, out: np.ndarray, want_meta: bool = True) -> Any:
-        """Paint image ``index`` into ``out`` (HxWx3 uint8); return its meta dict (or label)."""
+    def _render(self, index: int, split: str, out: np.ndarray, want_meta: bool = True, *,
+                label: int | None = None, glyph: int | None = None, stream: tuple[int, ...] = ()) -> Any:
+        """Paint image ``index`` into ``out`` (HxWx3 uint8); return its meta dict (or label).
+        ``label`` (default ``index % num_classes``), ``glyph`` (paint a pair's A and B with this
+        glyph) and ``stream`` (extra generator seed words) make cue-conflict images."""
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {sorted(SPLITS)}")
         if index < 0:
             raise ValueError(f"index must be >= 0, got {index}")
-        rng = np.random.default_rng([self.seed, SPLITS[split], index])
-        label = index % len(self.classes)
+        rng = np.random.default_rng([self.seed, SPLITS[split], index, *stream])
+        label = index % len(self.classes) if label is None else label
         spec = self.classes[label]
         # Background: i.i.d. uniform on 96..159 per pixel and channel (little-endian raw bits).
         n = out.size
@@ -235,7 +283,7 @@ class SyntheticWorld:
             first, along = draw(0, 1), draw(lo, hi - offset)
             along_a, along_b = along + offset * first, along + offset * (1 - first)
             cross = draw(lo, hi - offset) + offset * draw(0, 1)
-            a, b = spec.motifs
+            a, b = spec.motifs if glyph is None else (glyph, glyph)
             if spec.orientation == "h":
                 placed += [(a, cross, along_a), (b, cross, along_b)]
             else:

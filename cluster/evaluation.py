@@ -37,6 +37,7 @@ from bagnet.experiments import EXPERIMENTS, ExperimentContext
 from bagnet.fast import autocast_context, optimize_for_inference
 from bagnet.imagenet import to_model_input
 from bagnet.models import create_model, model_q
+from bagnet.synthetic import SyntheticWorld
 from cluster.configs import ExperimentJobConfig, ModelConfig, looks_like_path
 from cluster.images import ImageReadError, ImageSource, describe, image_dataset
 from cluster.ray_env import data_context, init_ray
@@ -131,6 +132,12 @@ def make_plan(cfg: ExperimentJobConfig, experiments: list[str], config_path: str
     common = {"data": cfg.data.fingerprint(cfg.split), "seed": cfg.seed, "precision": cfg.precision}
     parts = []
     for name, module in modules.items():
+        datasets = getattr(module, "DATASETS", None)
+        if datasets is not None and cfg.data.dataset not in datasets:
+            require(any(cfg.data.dataset in getattr(m, "DATASETS", [cfg.data.dataset]) for m in modules.values()),
+                    f"experiments.{name}", f"needs data.dataset in {list(datasets)}, got {cfg.data.dataset!r}")
+            print(f"[experiment] {name}: not defined for data.dataset={cfg.data.dataset}; left out", flush=True)
+            continue
         applies_to = getattr(module, "applies_to", lambda model_name: True)
         models = [m for m in cfg.models if applies_to(m.name)]
         require(bool(models), f"experiments.{name}",
@@ -200,7 +207,8 @@ class ModelActor:
     def __init__(self, *, experiments: dict[str, Any], model: ModelConfig, helpers: dict[str, ModelConfig],
                  modules: list[str], num_classes: int, use_gpu: bool, precision: str, seed: int,
                  forward_batch_size: int, common: dict[str, Any], paths: dict[str, tuple[str, str]],
-                 fast: bool = False, torch_threads: int | None = None, max_file_bytes: int = 128 * 2**20) -> None:
+                 fast: bool = False, torch_threads: int | None = None, max_file_bytes: int = 128 * 2**20,
+                 world: SyntheticWorld | None = None) -> None:
         for dotted in modules:  # the config's extra experiment modules, registered in this process too
             EXPERIMENTS.register(dotted)
         if torch_threads:
@@ -221,6 +229,7 @@ class ModelActor:
         self.helpers = {key: build(cfg) for key, cfg in helpers.items()}
         self.model_name, self.q, self.seed = model.name, model_q(model.name), seed
         self.precision, self.forward_batch_size, self.common = precision, forward_batch_size, common
+        self.world = world
         self.evals = 0
         # Every path through a zoo network (forward, patch_logits, ...) runs its first conv once
         # per image: count images there, perturbed variants included.
@@ -235,7 +244,7 @@ class ModelActor:
         module, params = self.experiments[name]
         ctx = ExperimentContext(
             image_ids=image_ids, model_name=self.model_name, q=self.q, seed=self.seed, device=self.device,
-            helper_models=self.helpers, batch_size=self.forward_batch_size)
+            helper_models=self.helpers, batch_size=self.forward_batch_size, world=self.world)
         with autocast_context(self.device, self.precision):
             rows = module.run(self.model, images, labels, params, ctx=ctx)
         return results.rows_to_table(rows, {**self.common, "created_at": results.utc_now()}, module.SCHEMA,
@@ -377,7 +386,8 @@ def run_group(plan: Plan, parts: list[Part], env: dict | None, images: ray.data.
                 "modules": list(cfg.modules), "num_classes": plan.source.num_classes, "use_gpu": c.use_gpu,
                 "precision": cfg.precision, "seed": cfg.seed, "forward_batch_size": c.forward_batch_size or c.batch_size,
                 "common": common, "paths": {p.experiment: (p.path, p.failures_path) for p in parts},
-                "fast": c.fast, "torch_threads": c.torch_threads, "max_file_bytes": c.max_file_mb * 2**20},
+                "fast": c.fast, "torch_threads": c.torch_threads, "max_file_bytes": c.max_file_mb * 2**20,
+                "world": cfg.data.world() if cfg.data.dataset == "synthetic" else None},
             batch_size=c.batch_size, batch_format="numpy", zero_copy_batch=False,
             compute=ray.data.ActorPoolStrategy(size=c.actor_pool_size),
             num_cpus=c.num_cpus, num_gpus=c.num_gpus if c.use_gpu else 0,

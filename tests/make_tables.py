@@ -141,8 +141,34 @@ def heatmaps(models: Sequence[str] = ("bagnet9_small", "bagnet33_small"), n: int
     return pd.DataFrame(rows)
 
 
+def localization(models: Sequence[str] = tuple(ACCURACY), methods=("integrated_gradients", "occlusion")) -> pd.DataFrame:
+    """Integrated gradients on the motifs (half the energy, every maximum), occlusion mostly off them."""
+    rows = []
+    for m in models:
+        for method in methods:
+            on = method == "integrated_gradients"
+            for i, image_id in enumerate(image_ids(4)):
+                rows.append({"model": m, "image_id": image_id, "label": i, "method": method, "layer": "",
+                             "energy_in_boxes": 0.5 if on else 0.1, "max_in_boxes": on or i == 0, "box_fraction": 0.005})
+    return pd.DataFrame(rows)
+
+
+def cue_conflict(models: Sequence[str] = tuple(ACCURACY)) -> pd.DataFrame:
+    """BagNets follow the motifs; the CNNs follow the arrangement on every second image."""
+    rows = []
+    for m in models:
+        for i, image_id in enumerate(image_ids(8)):
+            motif, arrangement = i % 4, 4 + i % 6
+            follows = model_q(m) is None and i % 2 == 0
+            rows.append({"model": m, "image_id": image_id, "label": i % NUM_CLASSES, "motif_class": motif,
+                         "arrangement_class": arrangement, "pair_scale": (17, 33, 48)[(i % 6) // 2],
+                         "prediction": arrangement if follows else motif,
+                         "decision": "arrangement" if follows else "motif"})
+    return pd.DataFrame(rows)
+
+
 TABLES = {"predictions": predictions, "shuffle": shuffle, "interaction": interaction, "masking": masking,
-          "heatmaps": heatmaps}
+          "heatmaps": heatmaps, "localization": localization, "cue_conflict": cue_conflict}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ TINY_PARAMS = {
     "interaction": "{region_sizes: [8], distances: [0, 16], pairs_per_distance: 1}",
     "masking": "{rankings: [random, bagnet_heatmap], ks: [0, 2], heatmap_model: bagnet9_small}",
     "patch_robustness": "{patch_sizes: [8], attack_steps: 2, max_locations: 1, sample_every: 1}",
+    "localization": "{images: 8, ig_steps: 2, occlusion_window: 16, occlusion_stride: 16}",
 }
 
 
@@ -247,7 +248,8 @@ def _actor(experiments: dict[str, dict], *, fast: bool = False, modules=(), out:
     paths = {name: (str(out / name), str(out / f"{name}-failures")) for name in experiments}
     return evaluation.ModelActor(experiments=params, model=model, helpers={"bagnet": model}, modules=list(modules),
                                  num_classes=10, use_gpu=False, precision="fp32", seed=0, forward_batch_size=8,
-                                 common=_common(q=9), paths=paths, fast=fast, torch_threads=1)
+                                 common=_common(q=9), paths=paths, fast=fast, torch_threads=1,
+                                 world=SyntheticWorld(seed=0, image_size=64))
 
 
 def _actor_rows(fast: bool, experiments: dict[str, dict], batch: dict) -> tuple[dict, dict[str, pd.DataFrame]]:
@@ -269,7 +271,8 @@ def test_model_actor_runs_every_experiment_of_its_model_and_the_fast_path_agrees
     experiments = {name: {} for name in EXPERIMENTS}
     experiments.update(heatmaps={"resolution": "full"}, shuffle={"tiles": [16], "num_perms": 1},
                        interaction={"region_sizes": [8], "distances": [0, 16], "pairs_per_distance": 1},
-                       masking={"rankings": ["random", "bagnet_heatmap"], "ks": [0, 2], "heatmap_model": "bagnet9_small"})
+                       masking={"rankings": ["random", "bagnet_heatmap"], "ks": [0, 2], "heatmap_model": "bagnet9_small"},
+                       localization={"images": 2, "ig_steps": 2, "occlusion_window": 16, "occlusion_stride": 16})
     out, eager = _actor_rows(False, experiments, batch)
     assert list(out[evaluation.COL_EXPERIMENT]) == list(experiments) and (out[evaluation.COL_IMAGES] == 6).all()
     for name, df in eager.items():  # each table has exactly its declared columns

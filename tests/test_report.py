@@ -56,17 +56,29 @@ def section_tables(section) -> dict[str, pd.DataFrame]:
     return {b.caption: b.df for b in section.blocks if isinstance(b, Table)}
 
 
+def test_localization_and_cue_conflict_tables(built):
+    tables = md_tables(built["md"])
+    loc = find(tables, "Localization per model and method")
+    assert cell(loc, "energy_in_boxes", model="resnet_small", method="integrated_gradients") == "0.500"
+    assert cell(loc, "pointing_game", model="resnet_small", method="occlusion") == "0.250"
+    cue = find(tables, "Decisions per model;")
+    assert cell(cue, "arrangement_bias", model="bagnet9_small") == "0.000"
+    assert cell(cue, "arrangement", model="vgg_small") == cell(cue, "arrangement_bias", model="vgg_small") == "0.500"
+
+
 def test_sections_present_with_figures(built):
     md, html = built["md"], built["html"]
     for title in ("Accuracy by model and patch size q", "Patch shuffling", "Interactions between image parts",
                   "Masking the most informative regions", "Error consistency", "Heatmaps and the most informative patches",
-                  "The runs behind this report"):
+                  "The runs behind this report", "Which explanation points at the evidence",
+                  "Cue conflict: motifs or arrangement?"):
         assert f"## {title}" in md and f"<h2>{title}</h2>" in html
     assert "missing:" not in md
     images = re.findall(r'<img src="([^"]+)"', html)
     assert {"figures/accuracy.png", "figures/training_curves.png", "figures/shuffle.png", "figures/interaction.png",
             "figures/masking.png", "figures/consistency.png", "figures/heatmap_gallery.png",
-            "figures/patches_bagnet9_small.png", "figures/patches_bagnet33_small.png"} == set(images)
+            "figures/patches_bagnet9_small.png", "figures/patches_bagnet33_small.png", "figures/localization.png",
+            "figures/cue_conflict.png"} == set(images)
     for src in images:
         png = (built["index"].parent / src).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 300_000, src
@@ -156,7 +168,7 @@ def test_heatmap_peaks(built):
 
 def test_runs_section_and_partial_run_not_used(built):
     runs = find(md_tables(built["md"]), "Result runs found")
-    assert cell(runs, "used for", run="run-new") == "predictions, heatmaps, interaction, masking, shuffle"
+    assert cell(runs, "used for", run="run-new") == "predictions, localization, cue_conflict, heatmaps, interaction, masking, shuffle"
     assert cell(runs, "complete", run="run-partial") == "no"
     assert cell(runs, "used for", run="run-partial") == "–"
     assert cell(runs, "used for", run="run-old") == "–"  # older than run-new

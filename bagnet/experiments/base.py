@@ -13,9 +13,10 @@ An experiment module defines, and nothing else needs editing to add one:
   of ``analysis.sections``;
 - ``run(model, images, labels, params, *, ctx) -> list[dict]``: one dict per row, with the own
   columns plus ``image_id`` and ``label``;
-- optionally ``applies_to(model_name) -> bool`` (default: every model) and
+- optionally ``applies_to(model_name) -> bool`` (default: every model),
   ``helper_models(params) -> dict[str, str]`` (zoo models it needs besides the evaluated one, by
-  ``ctx.helper_models`` key).
+  ``ctx.helper_models`` key) and ``DATASETS: tuple[str, ...]`` (the ``data.dataset`` values it is
+  defined for, default all; e.g. ``("synthetic",)`` for experiments that need ``ctx.world``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from bagnet.synthetic import SyntheticWorld
 
 REQUIRED_ATTRIBUTES: tuple[str, ...] = ("TABLE", "Params", "SCHEMA", "REPORT", "run")
 
@@ -37,6 +40,7 @@ class ExperimentContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     helper_models: dict[str, nn.Module] = field(default_factory=dict)
     batch_size: int = 64  # largest forward batch for perturbed variants
+    world: SyntheticWorld | None = None  # the synthetic world the images come from; None for other data
 
 
 @dataclass(frozen=True)
