@@ -18,7 +18,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bagnet.plots import figure_files  # noqa: E402
+from bagnet.plots import figure_files, figure_png  # noqa: E402
 
 DPI = 150
 STYLE = {"font.size": 9, "axes.titlesize": 9.5, "axes.labelsize": 9, "legend.fontsize": 8.5,
@@ -32,6 +32,11 @@ WRAP = 3  # panels per row of small multiples of one value (fits a printed page)
 def _render(fig) -> Rendered:
     """A report chart as PNG (at :data:`DPI`) and SVG bytes."""
     return figure_files(fig, dpi=DPI, tight=True)
+
+
+def _chart_png(fig) -> bytes:
+    """A report chart as PNG bytes alone (at :data:`DPI`)."""
+    return figure_png(fig, dpi=DPI, tight=True)
 
 
 def model_colors(models: Sequence[str]) -> dict[str, tuple]:
@@ -131,10 +136,15 @@ def _x_axis(ax, df: pd.DataFrame, x: str, log2_x: bool) -> None:
 
 def lines_figure(df: pd.DataFrame, x: str, panels: Sequence[tuple[str, str]], models: Sequence[str], *,
                  xlabel: str | None = None, guides: dict[str, tuple[float, str]] | None = None,
-                 guide_label: str = "", log2_x: bool = False, title: str = "") -> Rendered:
+                 guide_label: str = "", log2_x: bool = False, title: str = "", style: str | None = None,
+                 vlines: dict[str, float] | None = None) -> Rendered:
     """One panel per ``(column, label)`` in ``panels``: the column against ``x``, one line per model
     (with a band of its spread over seeds); ``guides`` marks ``(x, label)`` per model in its colour
-    (``guide_label`` names them in the legend)."""
+    (``guide_label`` names them in the legend). With a ``style`` column holding several values:
+    :func:`small_multiples_figure`; ``vlines`` (x per model) are unlabelled guides."""
+    guides = guides or {m: (v, "") for m, v in (vlines or {}).items()}
+    if style and df[style].nunique() > 1:
+        return small_multiples_figure(df, x, panels, models, style, xlabel=xlabel, guides=guides, log2_x=log2_x)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels) + 0.4, 3.2), squeeze=False)
         colors = model_colors(models)
