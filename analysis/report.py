@@ -9,9 +9,11 @@ manifest) that holds it, or the run named by ``--run-id``. Training runs (folder
 With ``--seed-runs`` (experiment runs of one config on the weights of several training seeds,
 as ``jobs/reproduce.py`` writes them), each table's rows are read from every one of those runs
 and each number is shown as its mean ± standard deviation over seeds; the training runs of one
-model (its seeds) are aggregated alike. Each registered experiment whose table is found gets the section its module's ``REPORT`` names
-(the generic one for a ``Summary``). Figures are written as PNG files to ``<out>/figures/`` and
-referenced relatively.
+model (its seeds) are aggregated alike.
+
+Each registered experiment whose table is found gets the section its module's ``REPORT`` names
+(the generic one for a ``Summary``). Figures are written as 150-dpi PNG files, each with an SVG
+beside it, to ``<out>/figures/`` and referenced relatively.
 """
 
 from __future__ import annotations

@@ -6,7 +6,9 @@
 
 With several ``train.seeds`` every model is trained once per seed (``<model>-seed<s>``), the
 experiments run once per seed on that seed's models (run ``<run_id>-seed<s>``), and the report
-shows every number as its mean ± spread over the seeds. Each stage skips what a previous run already finished: training runs that are complete are not
+shows every number as its mean ± spread over the seeds.
+
+Each stage skips what a previous run already finished: training runs that are complete are not
 retrained (an interrupted one resumes from its checkpoint), finished experiment parts are not
 recomputed, and the report is rebuilt from whatever is complete. Every stage's config is built
 and validated before the first one starts; the experiments evaluate the models the train stage

@@ -12,7 +12,7 @@ import pandas as pd
 from analysis import figures
 from analysis.seeds import REPLICATE, over_seeds, seeds_note, spread_text
 from analysis.builder import (
-    Builder, TableData, as_time, in_model_order, model_order, prepare, q_text, run_world, synthetic_world, when,
+    Builder, TableData, as_time, in_model_order, model_order, q_text, run_world, synthetic_world, when,
 )
 from analysis.html import Section, Table
 from bagnet.experiments import predictions
@@ -137,11 +137,13 @@ def accuracy_section(builder: Builder) -> Section:
     classes = class_count(runs, pred, p)
     top5 = classes >= TOP5_MIN_CLASSES
     note = "" if top5 else f" Top-5 is left out: with {classes} classes it is near 1 for every model and tells little."
-    sec.blocks.append(builder.figure("accuracy", figures.accuracy_figure(acc, order, ("top1", "top5") if top5 else ("top1",)),
+    metrics = ("top1", "top5") if top5 else ("top1",)
+    sec.blocks.append(builder.figure("accuracy", figures.accuracy_figure(acc, order, metrics),
                                      "Top-1" + (" and top-5" if top5 else "") + " accuracy against the BagNets' patch "
                                      "size q (log2 axis); unconstrained CNNs as horizontal lines; error bars and "
                                      "bands: standard deviation over training seeds." + note))
-    sec.blocks.append(Table("Accuracy per model (training: final epoch, " + seeds_note(acc.loc[acc["source"] != "sweep", "seeds"])
+    seeds = seeds_note(acc.loc[acc["source"] != "sweep", "seeds"])
+    sec.blocks.append(Table(f"Accuracy per model (training: final epoch, {seeds}"
                             + "; sweep: best trial; predictions: mean over images)", readable(acc, top5)))
     if runs:
         curves = pd.concat([r.metrics.assign(run=r.name, model=r.config["model"]["name"]) for r in runs])
