@@ -38,8 +38,10 @@ class TableData:
 class Builder:
     """Reads tables (one run each), writes figures, remembers which runs it used."""
 
-    def __init__(self, catalog: Catalog, out: str, run_ids: list[str] | None, include_incomplete: bool):
+    def __init__(self, catalog: Catalog, out: str, run_ids: list[str] | None, include_incomplete: bool,
+                 seed_runs: Sequence[str] = ()):
         self.catalog, self.out, self.run_ids, self.include_incomplete = catalog, out, run_ids, include_incomplete
+        self.seed_runs = list(seed_runs)
         self.used: dict[str, TableData] = {}
         self._cache: dict[str, TableData | None] = {}
 
@@ -79,6 +81,23 @@ class Builder:
                                          pads.field("experiment").isin(experiments))
         return arrow.to_pandas()
 
+    def replicates(self, table: str) -> pd.DataFrame | None:
+        """``table``'s prepared rows with a ``replicate`` column naming the run they came from: the
+        run :meth:`load` picks, and with ``seed_runs`` (experiment runs of the same config on other
+        training seeds' weights) each of those that holds the table too."""
+        data = self.load(table)
+        if data is None:
+            return None
+        frames = [prepare(data.df).assign(replicate=data.run.name)]
+        for run_id in self.seed_runs:
+            run = self.catalog.select(table, [run_id], self.include_incomplete)
+            if run is None or run.path == data.run.path:
+                continue
+            arrow = store_catalog.read_table(run, table)
+            self.used[f"{table} [{run.name}]"] = TableData(table, run, arrow.to_pandas(), arrow.schema)
+            frames.append(prepare(self.used[f"{table} [{run.name}]"].df).assign(replicate=run.name))
+        return pd.concat(frames, ignore_index=True)
+
     def train_runs(self) -> list[TrainRun]:
         """The training runs to use: the complete ones (all, with --include-incomplete)."""
         return [r for r in self.catalog.train_runs if r.complete or self.include_incomplete]
@@ -117,8 +136,11 @@ class Builder:
         parts = [f"{t}: run {self.used[t].run.name}" for t in tables if t in self.used]
         return ("from " + "; ".join(parts)) if parts else ""
 
-    def figure(self, name: str, png: bytes, caption: str) -> Figure:
-        storage.write_bytes_atomic(storage.join(self.out, "figures", f"{name}.png"), png)
+    def figure(self, name: str, files: dict[str, bytes] | bytes, caption: str) -> Figure:
+        """Write ``figures/<name>.<ext>`` for each of ``files`` (``png``, and ``svg`` beside it; PNG
+        bytes alone are written as the PNG); the report shows the PNG."""
+        for ext, data in (files.items() if isinstance(files, dict) else [("png", files)]):
+            storage.write_bytes_atomic(storage.join(self.out, "figures", f"{name}.{ext}"), data)
         return Figure(caption, f"figures/{name}.png")
 
 

@@ -6,9 +6,14 @@
 Every table is read from one run only: the newest complete run (one with a ``_SUCCESS``
 manifest) that holds it, or the run named by ``--run-id``. Training runs (folders with
 ``metrics.parquet`` + ``config.yaml``) are found under ``--train`` paths and under ``--results``.
+With ``--seed-runs`` (experiment runs of one config on the weights of several training seeds,
+as ``jobs/reproduce.py`` writes them), each table's rows are read from every one of those runs
+and each number is shown as its mean ± standard deviation over seeds; the training runs of one
+model (its seeds) are aggregated alike.
+
 Each registered experiment whose table is found gets the section its module's ``REPORT`` names
-(the generic one for a ``Summary``). Figures are written as PNG files to ``<out>/figures/`` and
-referenced relatively.
+(the generic one for a ``Summary``). Figures are written as 150-dpi PNG files, each with an SVG
+beside it, to ``<out>/figures/`` and referenced relatively.
 """
 
 from __future__ import annotations
@@ -72,7 +77,8 @@ def register_run_modules(runs: Sequence[Run]) -> None:
 
 
 def build_report(results: str, out: str | None = None, train_paths: Sequence[str] = (),
-                 run_id: str | Sequence[str] | None = None, include_incomplete: bool = False) -> Path | str:
+                 run_id: str | Sequence[str] | None = None, include_incomplete: bool = False,
+                 seed_runs: Sequence[str] = ()) -> Path | str:
     """Read the tables under ``results`` (and training runs under ``train_paths``), write
     ``<out>/index.html``, ``<out>/report.md`` and ``<out>/figures/*.png``; return the path of
     ``index.html`` (a ``Path`` for a local ``out``, the URI string for ``s3://``)."""
@@ -88,9 +94,10 @@ def build_report(results: str, out: str | None = None, train_paths: Sequence[str
     for folder, reason in catalog.unreadable.items():
         log(f"training run {folder} not read: {reason}")
     register_run_modules(catalog.runs)
-    builder = Builder(catalog, out, run_ids, include_incomplete)
+    builder = Builder(catalog, out, run_ids, include_incomplete, seed_runs)
     sections = [*experiment_sections(builder), runs.section(builder)]
     intro = [f"Results: {shown_path(results)}"
+             + (f"; seed runs (numbers are mean ± spread over them): {', '.join(seed_runs)}" if seed_runs else "")
              + (f"; training runs: {', '.join(map(shown_path, train_paths))}" if train_paths else "")
              + f". Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC.",
              "Each table is read from a single run: the newest complete one holding it"
@@ -116,13 +123,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--run-id", nargs="+", action="extend", default=[], metavar="ID",
                    help="read tables only from these runs (folder name or manifest run_id); newest first")
     p.add_argument("--include-incomplete", action="store_true", help="also use runs without a _SUCCESS manifest")
+    p.add_argument("--seed-runs", nargs="+", action="extend", default=[], metavar="ID",
+                   help="experiment runs of one config on several training seeds' weights: tables are read from "
+                        "each and shown as mean ± spread over seeds")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> Path | str:
     args = parse_args(argv)
     try:
-        index = build_report(args.results, args.out, args.train, args.run_id or None, args.include_incomplete)
+        index = build_report(args.results, args.out, args.train, args.run_id or None, args.include_incomplete,
+                             args.seed_runs)
     except FileNotFoundError as err:
         raise SystemExit(f"error: {err}") from None
     base = str(index).rsplit("/", 1)[0]

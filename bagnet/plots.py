@@ -36,13 +36,16 @@ __all__ = [
     "symmetric_limit",
     "draw_heatmap",
     "figure_png",
+    "figure_files",
     "Heat",
+    "heatmap_grid_figure",
     "heatmap_grid_png",
     "gallery_png",
     "save_gallery",
     "TopPatch",
     "crop_patch",
     "top_patches",
+    "top_patches_figure",
     "top_patches_png",
     "save_top_patches",
     "main",
@@ -85,7 +88,7 @@ def symmetric_limit(values, percentile: float = 99.0) -> float:
 
 def draw_heatmap(ax, heat, image: np.ndarray | None = None, *, stride: int = 1,
                  origin: float = 0.0, percentile: float = 99.0, edges: bool = True,
-                 edge_threshold: float = 0.3, edge_quantile: float = 0.9):
+                 edge_threshold: float = 0.3, edge_quantile: float = 0.9, limit: float | None = None):
     """Draw ``heat`` (``h x w``) on ``ax``; returns the image artist.
 
     Entry ``(i, j)`` is centred on image pixel ``(origin + stride*i, origin + stride*j)``
@@ -133,6 +136,15 @@ def figure_png(fig, *, colors: int | None = 256, dpi: float | None = None, tight
     return out.getvalue()
 
 
+def figure_files(fig, *, dpi: float | None = None, tight: bool = False) -> dict[str, bytes]:
+    """Render and close ``fig`` as ``{"png": ..., "svg": ...}`` (the PNG as :func:`figure_png`;
+    the SVG keeps its text as text)."""
+    buf = io.BytesIO()
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "bagnet"}):  # stable files
+        fig.savefig(buf, format="svg", bbox_inches="tight" if tight else None, metadata={"Date": None})
+    return {"png": figure_png(fig, dpi=dpi, tight=tight), "svg": buf.getvalue()}
+
+
 def _write(path: str, data: bytes) -> None:
     storage.write_bytes_atomic(path, data)
     print(f"wrote {path} ({len(data) / 1024:.0f} KiB)", flush=True)
@@ -148,38 +160,59 @@ class Heat:
     origin: float = 0.0
 
 
-def heatmap_grid_png(images: Sequence[np.ndarray] | None, rows: Sequence[Sequence[Heat | None]],
-                     titles: Sequence[str] | None = None, *, row_labels: Sequence[str] | None = None,
-                     percentile: float = 99.0, suptitle: str | None = None, cell: float = 1.6,
-                     dpi: int = 100) -> bytes:
-    """PNG of a grid with one column per image: the images on top (when given, ``H x W x 3``
-    uint8), then one row of heatmaps per entry of ``rows`` (a None cell is left empty). Each row
-    may place its maps differently (coarse or full resolution)."""
+def heatmap_grid_figure(images: Sequence[np.ndarray] | None, rows: Sequence[Sequence[Heat | None]],
+                        titles: Sequence[str] | None = None, *, row_labels: Sequence[str] | None = None,
+                        percentile: float = 99.0, suptitle: str | None = None, cell: float = 1.6,
+                        dpi: int = 100, colorbar: str | None = None, fontsize: float = 7):
+    """A grid with one column per image: the images on top (when given, ``H x W x 3`` uint8), then
+    one row of heatmaps per entry of ``rows`` (a None cell is left empty). Each row may place its
+    maps differently (coarse or full resolution). With ``colorbar`` (its label), the maps of a row
+    share one colour scale (the ``percentile`` of the row's ``|values|``) shown by a colour bar
+    at the row's end; without, each map is scaled on its own."""
     columns = len(images) if images is not None else max((len(r) for r in rows), default=0)
     top = 1 if images is not None else 0
     head = 0.45 if suptitle else 0.0
     fig, axes = plt.subplots(len(rows) + top, columns, dpi=dpi, squeeze=False,
-                             figsize=(cell * columns + 0.3, cell * (len(rows) + top) + 0.3 + head))
+                             figsize=(cell * columns + 0.3 + (1.0 if colorbar else 0.0),
+                                      cell * (len(rows) + top) + 0.3 + head),
+                             layout="constrained" if colorbar else None)
     for j in range(columns):
         if images is not None:
             axes[0, j].imshow(images[j], interpolation="nearest")
             axes[0, j].set_xticks([])
             axes[0, j].set_yticks([])
         if titles is not None:
-            axes[0, j].set_title(titles[j], fontsize=7)
+            axes[0, j].set_title(titles[j], fontsize=fontsize)
     for r, cells in enumerate(rows, start=top):
+        shown = [h.values for h in cells if h is not None]
+        limit = symmetric_limit(np.concatenate([np.ravel(v) for v in shown]), percentile) if colorbar and shown else None
+        art = None
         for j, heat in enumerate(cells):
             if heat is None:
                 axes[r, j].axis("off")
                 continue
-            draw_heatmap(axes[r, j], heat.values, images[j] if images is not None else None,
-                         stride=heat.stride, origin=heat.origin, percentile=percentile)
+            art = draw_heatmap(axes[r, j], heat.values, images[j] if images is not None else None,
+                               stride=heat.stride, origin=heat.origin, percentile=percentile, limit=limit)
         if row_labels is not None:
-            axes[r, 0].set_ylabel(row_labels[r - top], fontsize=7)
+            axes[r, 0].set_ylabel(row_labels[r - top], fontsize=fontsize)
+        if colorbar and art is not None:
+            bar = fig.colorbar(art, ax=list(axes[r]), fraction=0.03, pad=0.01, aspect=12)
+            bar.set_label(colorbar, fontsize=fontsize - 1)
+            bar.ax.tick_params(labelsize=fontsize - 1)
     if suptitle:
-        fig.suptitle(suptitle, fontsize=8)
-    fig.tight_layout(pad=0.3, h_pad=0.4, w_pad=0.2)
-    return figure_png(fig)
+        fig.suptitle(suptitle, fontsize=fontsize + 1)
+    if not colorbar:
+        fig.tight_layout(pad=0.3, h_pad=0.4, w_pad=0.2)
+    return fig
+
+
+def heatmap_grid_png(images: Sequence[np.ndarray] | None, rows: Sequence[Sequence[Heat | None]],
+                     titles: Sequence[str] | None = None, *, row_labels: Sequence[str] | None = None,
+                     percentile: float = 99.0, suptitle: str | None = None, cell: float = 1.6,
+                     dpi: int = 100) -> bytes:
+    """PNG of :func:`heatmap_grid_figure` (each map on its own colour scale)."""
+    return figure_png(heatmap_grid_figure(images, rows, titles, row_labels=row_labels, percentile=percentile,
+                                          suptitle=suptitle, cell=cell, dpi=dpi))
 
 
 def gallery_png(images: np.ndarray, heatmaps, titles: Sequence[str] | None = None, *,
@@ -269,7 +302,13 @@ def top_patches(model: nn.Module, batches: Iterable[np.ndarray] | np.ndarray, *,
 
 def top_patches_png(result: dict[int, list[TopPatch]], class_names: Sequence[str] | None = None,
                     *, upscale: int = 2, title: str | None = None, dpi: int = 100) -> bytes:
-    """PNG grid: one row per class, its best patches left to right with their logits."""
+    """PNG of :func:`top_patches_figure`."""
+    return figure_png(top_patches_figure(result, class_names, upscale=upscale, title=title, dpi=dpi))
+
+
+def top_patches_figure(result: dict[int, list[TopPatch]], class_names: Sequence[str] | None = None,
+                       *, upscale: int = 2, title: str | None = None, dpi: int = 100, fontsize: float = 7):
+    """A grid: one row per class, its best patches left to right with their logits."""
     classes = list(result)
     k = max((len(v) for v in result.values()), default=0)
     if not classes or k == 0:
@@ -287,15 +326,15 @@ def top_patches_png(result: dict[int, list[TopPatch]], class_names: Sequence[str
             if j < len(result[c]):
                 p = result[c][j]
                 ax.imshow(p.pixels, interpolation="nearest")
-                ax.set_title(f"{p.value:.2f}", fontsize=6, pad=1)
+                ax.set_title(f"{p.value:.2f}", fontsize=fontsize - 1, pad=1)
             else:
                 ax.axis("off")
         name = class_names[c] if class_names is not None else f"class {c}"
-        axes[r, 0].set_ylabel(name, fontsize=7, rotation=0, ha="right", va="center")
-    fig.suptitle(title or f"top {k} patches per class (q={q}; number = class logit)", fontsize=8)
+        axes[r, 0].set_ylabel(name, fontsize=fontsize, rotation=0, ha="right", va="center")
+    fig.suptitle(title or f"top {k} patches per class (q={q}; number = class logit)", fontsize=fontsize + 1)
     fig.subplots_adjust(left=label_w / fig.get_figwidth(), right=0.99, bottom=0.01, top=0.93,
                         wspace=0.08, hspace=0.35)
-    return figure_png(fig)
+    return fig
 
 
 def save_top_patches(result: dict[int, list[TopPatch]], path: str,

@@ -127,7 +127,7 @@ class RunConfig:
     checkpoints_to_keep: int = 2
     log_every: int = 20  # steps between progress lines
     crash_after_epoch: int | None = None  # fault drill: a worker process dies once, right after this epoch
-    seed: int = 0  # model initialisation; the batch order also depends on Ray Data's streaming
+    seed: int = 0  # model initialisation and each epoch's shuffle (ordered data: a rerun gives the same metrics)
 
 
 @dataclass
@@ -209,9 +209,19 @@ class ExperimentJobConfig:
 @dataclass
 class TrainStage:
     config: str = "configs/synthetic.yaml"
-    models: list[str] = field(default_factory=list)  # one training run per model, named after it
+    models: list[str] = field(default_factory=list)  # one training run per model (and seed), named after it
     storage_path: str = "results/train"
     overrides: list[str] = field(default_factory=list)  # applied to every training run
+    seeds: list[int] = field(default_factory=lambda: [0])  # run.seed of each model's runs; several: "<model>-seed<s>"
+
+    def validate(self) -> None:
+        require(len(self.seeds) >= 1, "seeds", "list at least one seed")
+        require(len(set(self.seeds)) == len(self.seeds), "seeds", f"a seed is listed twice: {self.seeds}")
+
+    def run_name(self, model: str, seed: int) -> str:
+        """The training run of ``model`` with ``seed``: the model's name, suffixed with the seed
+        when there are several."""
+        return model if len(self.seeds) == 1 else f"{model}-seed{seed}"
 
 
 @dataclass

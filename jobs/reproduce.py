@@ -4,6 +4,10 @@
     python jobs/reproduce.py train.overrides='[optim.epochs=2]'  # any key of the config can be overridden
     ray job submit --working-dir . -- python jobs/reproduce.py --config configs/reproduce-imagenet.yaml
 
+With several ``train.seeds`` every model is trained once per seed (``<model>-seed<s>``), the
+experiments run once per seed on that seed's models (run ``<run_id>-seed<s>``), and the report
+shows every number as its mean ± spread over the seeds.
+
 Each stage skips what a previous run already finished: training runs that are complete are not
 retrained (an interrupted one resumes from its checkpoint), finished experiment parts are not
 recomputed, and the report is rebuilt from whatever is complete. Every stage's config is built
@@ -33,25 +37,34 @@ DEFAULT_CONFIG = CONFIG_DIR / "reproduce-synthetic.yaml"
 
 
 def train_configs(cfg: ReproduceConfig) -> dict[str, TrainJobConfig]:
-    """One training config per model of the train stage, named after the model."""
+    """One training config per model and seed of the train stage, named by ``TrainStage.run_name``."""
     base = load_config(TrainJobConfig, config_path(cfg.train.config), cfg.train.overrides)
-    return {model: job_paths(updated(base, {"model": {"name": model},
-                                            "run": {"name": model, "storage_path": cfg.train.storage_path}}))
-            for model in cfg.train.models}
+    stage = cfg.train
+    return {stage.run_name(model, seed): job_paths(updated(base, {"model": {"name": model}, "run": {
+                "name": stage.run_name(model, seed), "storage_path": stage.storage_path, "seed": seed}}))
+            for model in stage.models for seed in stage.seeds}
 
 
-def experiment_config(cfg: ReproduceConfig) -> ExperimentJobConfig:
-    """The experiment config, its trained models' weights pointing at the train stage's exports."""
-    exp = load_config(ExperimentJobConfig, config_path(cfg.experiments.config), cfg.experiments.overrides)
-    trained = {m: storage.join(cfg.train.storage_path, m, MODEL_FILE) for m in cfg.train.models}
-    models = [{**to_dict(m), "weights": trained.get(m.name, m.weights)} for m in exp.models]
-    return job_paths(updated(exp, {"models": models}))
+def experiment_configs(cfg: ReproduceConfig) -> list[ExperimentJobConfig]:
+    """The experiment config once per seed, its trained models' weights pointing at that seed's
+    exports (the run id suffixed ``-seed<s>`` when there are several seeds)."""
+    path = config_path(cfg.experiments.config)
+    exp = load_config(ExperimentJobConfig, path, cfg.experiments.overrides)
+    run_id = exp.run_id or path.stem
+    configs = []
+    for seed in cfg.train.seeds:
+        trained = {m: storage.join(cfg.train.storage_path, cfg.train.run_name(m, seed), MODEL_FILE)
+                   for m in cfg.train.models}
+        models = [{**to_dict(m), "weights": trained.get(m.name, m.weights)} for m in exp.models]
+        suffix = f"-seed{seed}" if len(cfg.train.seeds) > 1 else ""
+        configs.append(job_paths(updated(exp, {"models": models, "run_id": run_id + suffix})))
+    return configs
 
 
 def run_stages(cfg: ReproduceConfig) -> dict:
     """Train, run the experiments, build the report; each stage resumes what it finished before."""
     try:
-        runs, exp = train_configs(cfg), experiment_config(cfg)
+        runs, exps = train_configs(cfg), experiment_configs(cfg)
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
     timings: dict[str, float] = {}
@@ -62,18 +75,22 @@ def run_stages(cfg: ReproduceConfig) -> dict:
     timings["train_s"] = time.perf_counter() - start
 
     mark = time.perf_counter()
-    print(f"[reproduce] experiments: {cfg.experiments.names}", flush=True)
-    run = experiment.run(exp, cfg.experiments.names, config_path(cfg.experiments.config))
+    done = []
+    for exp in exps:
+        print(f"[reproduce] experiments: {cfg.experiments.names} ({exp.run_id})", flush=True)
+        done.append(experiment.run(exp, cfg.experiments.names, config_path(cfg.experiments.config)))
     timings["experiments_s"] = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    index = build_report(storage.resolve(exp.output), cfg.report.out,
-                         train_paths=[storage.resolve(cfg.train.storage_path)], run_id=run["run_id"])
+    run_ids = [run["run_id"] for run in done]
+    index = build_report(storage.resolve(exps[0].output), cfg.report.out,
+                         train_paths=[storage.resolve(cfg.train.storage_path)], run_id=run_ids,
+                         seed_runs=run_ids if len(run_ids) > 1 else ())
     timings["report_s"] = time.perf_counter() - mark
     timings["total_s"] = time.perf_counter() - start
     print("[reproduce] done in " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()), flush=True)
     print(f"[reproduce] report: {index}", flush=True)
-    return {"report": index, "experiment_run": run, "timings": timings}
+    return {"report": index, "experiment_runs": done, "timings": timings}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -85,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     try:
         cfg = job_paths(load_config(ReproduceConfig, args.config, args.overrides))
-        stages = [*train_configs(cfg).values(), experiment_config(cfg)] if args.print_config else []
+        stages = [*train_configs(cfg).values(), *experiment_configs(cfg)] if args.print_config else []
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
     if args.print_config:

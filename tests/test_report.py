@@ -76,12 +76,14 @@ def test_sections_present_with_figures(built):
     assert "missing:" not in md
     images = re.findall(r'<img src="([^"]+)"', html)
     assert {"figures/accuracy.png", "figures/training_curves.png", "figures/shuffle.png", "figures/interaction.png",
-            "figures/masking.png", "figures/consistency.png", "figures/heatmap_gallery.png",
-            "figures/patches_bagnet9_small.png", "figures/patches_bagnet33_small.png", "figures/localization.png",
-            "figures/cue_conflict.png"} == set(images)
+            "figures/masking.png", "figures/consistency.png", "figures/consistency_intervals.png",
+            "figures/heatmap_gallery.png", "figures/patches_bagnet9_small.png",
+            "figures/patches_bagnet33_small.png", "figures/localization.png", "figures/cue_conflict.png"} == set(images)
     for src in images:
         png = (built["index"].parent / src).read_bytes()
-        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 300_000, src
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 400_000, src
+        svg = (built["index"].parent / src).with_suffix(".svg").read_text()  # a vector copy beside each PNG
+        assert "<svg" in svg, src
     # report.md holds the same tables as index.html
     assert len(md_tables(md)) == html.count("<table>") >= 12
 
@@ -91,7 +93,8 @@ def test_accuracy_from_training_sweep_and_predictions(built):
     expected = M.predictions().groupby("model")[["correct_top1", "correct_top5"]].mean()
     for model, row in expected.iterrows():
         assert cell(acc, "top-1", source="predictions", model=model) == f3(row.correct_top1)
-        assert cell(acc, "top-5", source="predictions", model=model) == f3(row.correct_top5)
+    # 10 classes: top-5 tells little and is left out, saying so
+    assert "top-5" not in acc.columns and "Top-5 is left out: with 10 classes" in built["md"]
     for model, top1 in {"bagnet9_small": 0.4, "bagnet33_small": 0.7, "resnet_small": 0.75}.items():  # final epochs
         assert cell(acc, "top-1", source="training", model=model) == f3(top1)
     for model, top1 in {"bagnet9_small": 0.42, "bagnet17_small": 0.56, "bagnet33_small": 0.72}.items():  # best trials
@@ -142,11 +145,11 @@ def test_summary_sections_show_the_means_per_model(built):
     assert cell(mean, "16", model="resnet_small") == f3(0.25 * 2 / 4)  # signs +, +, +, -
     assert cell(mean_abs, "q", model="bagnet33_small") == "33"
     assert "patch_size" not in mean_abs  # one region size: no style column
-    logit, top5 = find(tables, "Label logit by regions masked (k)"), find(tables, "Top-5 accuracy by regions masked (k)")
+    logit = find(tables, "Label logit by regions masked (k)")
+    assert not [c for c in tables if c.startswith("Top-5 accuracy by regions")]  # 10 classes: top-5 left out
     assert list(logit.columns[:3]) == ["ranking", "model", "q"]
     assert cell(logit, "4", ranking="bagnet_heatmap", model="bagnet9_small") == "1.000"
     assert cell(logit, "8", ranking="random", model="vgg_small") == f3(5 - 0.2 * 8)
-    assert cell(top5, "8", ranking="bagnet_heatmap", model="bagnet9_small") == "0.200"
 
 
 def test_heatmap_peaks(built):
@@ -190,7 +193,7 @@ def test_include_incomplete_uses_only_committed_parts_of_one_run(built, tmp_path
     # the newest run is now run-partial: its committed parts only, nothing from run-new
     assert builder.used["predictions"].run.name == "run-partial"
     assert set(pred.index) == {"bagnet9_small", "resnet_small", "vgg_small"}  # bagnet33_small's part is unfinished
-    assert (pred["top-1"] == 0.0).all()
+    assert (pred["top-1"] == "0.000").all()
     assert set(builder.used["predictions"].df["run_id"]) == {"run-partial"}
 
 

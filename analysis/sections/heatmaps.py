@@ -22,13 +22,13 @@ from analysis.builder import Builder, log, model_order, prepare, run_world
 from analysis.html import Figure, Section, Table
 from bagnet.experiments import heatmaps
 from bagnet.imagenet import decode_rgb, eval_transform
-from bagnet.plots import Heat, TopPatch, crop_patch, heatmap_grid_png, top_patches_png
+from bagnet.plots import Heat, TopPatch, crop_patch, figure_files, heatmap_grid_figure, top_patches_figure
 from bagnet.synthetic import SyntheticWorld
 from store import results, storage
 from store.catalog import Run
 
 GALLERY_MODELS = 4
-GALLERY_IMAGES = 8
+GALLERY_IMAGES = 12  # columns of the gallery: every class up to this many, else classes spread evenly
 PATCHES_PER_CLASS = 4
 MAP_COLUMN = "values"  # the full maps: read only for the images shown
 SUMMARY_COLUMNS = [c for c in results.table_schema(heatmaps.SCHEMA).names if c != MAP_COLUMN] + list(results.PARTITION_KEYS)
@@ -77,14 +77,18 @@ def gallery(builder: Builder, df: pd.DataFrame, order: list[str], class_name: Ca
     shown = order[:GALLERY_MODELS]
     common = set.intersection(*(set(df.loc[df["model"] == m, "image_id"]) for m in shown))
     pool = df[df["image_id"].isin(common)] if common else df[df["model"] == shown[0]]
-    picked = pool.sort_values("image_id").drop_duplicates("label").sort_values("label").head(GALLERY_IMAGES)
+    picked = pool.sort_values("image_id").drop_duplicates("label").sort_values("label")
+    if len(picked) > GALLERY_IMAGES:  # spread over all classes (and so over every class kind)
+        picked = picked.iloc[np.linspace(0, len(picked) - 1, GALLERY_IMAGES).round().astype(int)]
     ids, labels = picked["image_id"].tolist(), picked["label"].tolist()
     first = full_maps(builder, ids).drop_duplicates(["model", "image_id"]).set_index(["model", "image_id"])
     rows = [[heat_of(first.loc[(m, i)]) if (m, i) in first.index else None for i in ids] for m in shown]
-    png = heatmap_grid_png([image_of(i) for i in ids] if image_of else None, rows, [class_name(y) for y in labels],
-                           row_labels=shown, cell=1.25, dpi=figures.DPI)
-    return builder.figure("heatmap_gallery", png,
-                          "Heatmaps of the true class (red: evidence for it, blue: against) for one image per class.")
+    fig = heatmap_grid_figure([image_of(i) for i in ids] if image_of else None, rows,
+                              [class_name(y).replace(" ", "\n", 1) for y in labels], row_labels=shown, cell=1.15,
+                              dpi=figures.DPI, colorbar="class logit", fontsize=8)
+    return builder.figure("heatmap_gallery", figure_files(fig, dpi=figures.DPI),
+                          f"Heatmaps of the true class (red: evidence for it, blue: against) for one image of each of "
+                          f"{len(ids)} classes; one colour scale per model (its bar: the patch logit of the class).")
 
 
 def peaks(df: pd.DataFrame, model: str, class_name: Callable[[int], str],
@@ -151,9 +155,10 @@ def section(builder: Builder) -> Section:
         rows += table
         if patches:
             q = int(df.loc[df["model"] == model, "q"].iloc[0])
-            png = top_patches_png(patches, names, title=f"{model}: top patches (q={q})", dpi=figures.DPI,
-                                  upscale=max(2, 48 // q))
-            sec.blocks.append(builder.figure(f"patches_{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}", png,
+            fig = top_patches_figure(patches, names, title=f"{model}: top patches (q={q})", dpi=figures.DPI,
+                                     upscale=max(3, 72 // q), fontsize=8)
+            sec.blocks.append(builder.figure(f"patches_{re.sub(r'[^A-Za-z0-9_.-]', '_', model)}",
+                                             figure_files(fig, dpi=figures.DPI),
                                              f"{model}: the patches with the highest evidence for the true class, "
                                              "per class (best first)."))
     sec.blocks.append(Table("Most informative location per class (heatmap maximum of the true class)",

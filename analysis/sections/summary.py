@@ -1,13 +1,20 @@
 """The generic section of an experiment whose ``REPORT`` is a :class:`bagnet.experiments.Summary`:
-the mean of each value per (style, model, x) as one lines figure, and one table per value."""
+the mean of each value per (style, model, x) (each training seed's mean, then the mean and spread
+over seeds) as one figure, and one table per value.
+
+With a ``style`` (e.g. the ranking method of masking) the figure is small multiples: a panel per
+model, a line per style value, one shared legend; without, one panel per value with a line per
+model. A top-5 value is left out where the classes are too few for top-5 to tell anything."""
 
 from __future__ import annotations
 
 import pandas as pd
 
 from analysis import figures
-from analysis.builder import Builder, model_order, wide
+from analysis.builder import Builder, model_order, run_world, wide
 from analysis.html import Section, Table
+from analysis.seeds import over_seeds, seeds_note, spread_text
+from analysis.sections.accuracy import TOP5_MIN_CLASSES
 from bagnet.experiments import Summary
 
 
@@ -18,17 +25,22 @@ def value_column(df: pd.DataFrame, value: str) -> pd.Series:
     return df[value].astype(float)
 
 
-def summarize(df: pd.DataFrame, summary: Summary) -> tuple[pd.DataFrame, str | None]:
-    """``(means, style)``: one row per (style, model, x) with ``q``, ``rows`` and the mean of each
-    value; ``style`` is None unless its column holds more than one value."""
+def summarize(df: pd.DataFrame, summary: Summary, values: list[str] | None = None) -> tuple[pd.DataFrame, str | None]:
+    """``(means, style)``: one row per (style, model, x) with ``q``, ``rows`` (per seed), ``seeds``,
+    and each value's mean over seeds and ``<value>_sd`` spread; ``style`` is None unless its column
+    holds more than one value."""
+    values = values or list(summary.values)
     style = summary.style if summary.style and df[summary.style].nunique() > 1 else None
     keys = [k for k in (style, "model", summary.x) if k]
-    values = df.assign(**{v: value_column(df, v) for v in summary.values})
-    grouped = values.groupby(keys, sort=True)
-    means = grouped[list(summary.values)].mean()
-    means["q"] = grouped["q"].first()
-    means["rows"] = grouped.size()
-    return means.reset_index(), style
+    data = df.assign(**{v: value_column(df, v) for v in values})
+    means = over_seeds(data, keys, values)
+    q = df.drop_duplicates("model").set_index("model")["q"]
+    return means.assign(q=means["model"].map(q)), style
+
+
+def informative(value: str, classes: int | None) -> bool:
+    """False for a top-5 value when there are fewer than :data:`TOP5_MIN_CLASSES` classes."""
+    return "top5" not in value or classes is None or classes >= TOP5_MIN_CLASSES
 
 
 def section(builder: Builder, name: str, table: str, summary: Summary) -> Section:
@@ -36,15 +48,32 @@ def section(builder: Builder, name: str, table: str, summary: Summary) -> Sectio
     sec, df = builder.table_section(summary.title, name, table)
     if df is None:
         return sec
-    means, style = summarize(df, summary)
+    df = builder.replicates(table)
+    world = run_world(builder.load(table).run)
+    classes = world.num_classes if world is not None else None
+    panels = [(v, label) for v, label in summary.values.items() if informative(v, classes)]
+    left_out = [label for v, label in summary.values.items() if not informative(v, classes)]
+    means, style = summarize(df, summary, [v for v, _ in panels])
     order = model_order(df)
-    qs = df.drop_duplicates("model").set_index("model")["q"].dropna().to_dict() if summary.mark_q else None
-    panels = list(summary.values.items())
-    sec.blocks.append(builder.figure(name, figures.lines_figure(
-        means, summary.x, panels, order, style=style, xlabel=summary.x_label, vlines=qs), summary.caption))
+    caption = summary.caption + (" Bands: standard deviation over training seeds." if means["seeds"].max() > 1 else "")
+    if left_out:
+        caption += f" Not shown: {', '.join(left_out)} (with {classes} classes it tells little)."
+    qs = df.drop_duplicates("model").set_index("model")["q"].dropna().to_dict() if summary.mark_q else {}
+    if style:
+        guides = {m: (q - 1, f"q−1={int(q - 1)}") for m, q in qs.items()}
+        png = figures.small_multiples_figure(means, summary.x, panels, order, style, xlabel=summary.x_label,
+                                             guides=guides, log2_x=summary.log2_x, style_label=style.replace("_", " "))
+    else:
+        png = figures.lines_figure(means, summary.x, panels, order, xlabel=summary.x_label,
+                                   guides={m: (q - 1, f"q−1={int(q - 1)}") for m, q in qs.items()},
+                                   guide_label="q − 1: zero bound of the BagNet",
+                                   log2_x=summary.log2_x)
+    sec.blocks.append(builder.figure(name, png, caption))
     low, high = int(means["rows"].min()), int(means["rows"].max())
     count = f"{low}" if low == high else f"{low}–{high}"
     for value, label in panels:
-        caption = f"{label[:1].upper()}{label[1:]} by {summary.x_label}, mean of {count} rows per cell"
-        sec.blocks.append(Table(caption, wide(means, [k for k in (style, "model", "q") if k], summary.x, value, order)))
+        text = spread_text(means, [value])
+        caption = (f"{label[:1].upper()}{label[1:]} by {summary.x_label}, mean of {count} rows per cell; "
+                   f"{seeds_note(means['seeds'])}")
+        sec.blocks.append(Table(caption, wide(text, [k for k in (style, "model", "q") if k], summary.x, value, order)))
     return sec

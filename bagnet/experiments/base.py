@@ -48,7 +48,8 @@ class Summary:
     """A generic report section: the mean of each ``values`` column per (``style``, model, ``x``),
     drawn as one line per model (and line style per ``style`` value) in one panel per value, and
     one table per value with ``x`` across. A value written ``"|col|"`` is the mean of ``abs(col)``.
-    ``mark_q`` draws a dotted line at each BagNet's patch size q (for distances in px)."""
+    ``mark_q`` draws a dotted line at q - 1 for each BagNet (for distances in px: from there on a
+    BagNet-q's interactions are exactly zero); ``log2_x`` draws ``x`` on a log2 axis (powers of two)."""
 
     title: str
     x: str
@@ -57,6 +58,7 @@ class Summary:
     style: str | None = None
     caption: str = ""
     mark_q: bool = False
+    log2_x: bool = False
 
 
 @dataclass(frozen=True)

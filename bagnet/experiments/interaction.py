@@ -57,7 +57,7 @@ REPORT = Summary(
     values={"|interaction|": "mean |interaction|", "interaction": "mean interaction"},
     style="patch_size", mark_q=True,
     caption="Interaction (change of the label logit when both regions are perturbed minus the two single "
-            "changes) against their distance; dotted lines: patch size q of each BagNet.",
+            "changes) against their distance; dotted lines: q - 1 of each BagNet, from which its interactions are exactly zero.",
 )
 
 

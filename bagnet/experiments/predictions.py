@@ -1,8 +1,8 @@
 """Plain predictions: top-5 classes, label logit and max logit of every image.
 
 Table-level analysis of the ``predictions`` table lives here too: error consistency (Cohen's
-kappa of two models' trial-by-trial correctness, Geirhos et al. 2020) and the correlation of
-per-class accuracies between models.
+kappa of two models' trial-by-trial correctness, Geirhos et al. 2020) with a bootstrap 95 %
+interval over the images, and the correlation of per-class accuracies between models.
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ from bagnet.metrics import cohens_kappa, per_class_accuracy, topk_correct
 
 TABLE = "predictions"
 TOPK = 5
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+BOOTSTRAP_LEVEL = 0.95
 SCHEMA = pa.schema([
     ("pred_top5", pa.list_(pa.int64())),
     ("correct_top1", pa.bool_()),
@@ -79,27 +82,62 @@ def _pairs(models: Iterable[str], self_pairs: bool) -> Iterator[tuple[str, str]]
     return combinations_with_replacement(models, 2) if self_pairs else combinations(models, 2)
 
 
-def error_consistency(df: pd.DataFrame, column: str = "correct_top1", *, self_pairs: bool = False) -> pd.DataFrame:
-    """Cohen's kappa between every pair of models, on the images both classified.
+def kappa_of_rates(p_a: np.ndarray, p_b: np.ndarray, c_obs: np.ndarray) -> np.ndarray:
+    """kappa = (c_obs - c_exp) / (1 - c_exp), c_exp = p_a p_b + (1 - p_a)(1 - p_b), elementwise (NaN
+    where c_exp is 1: both models always right, or always wrong)."""
+    c_exp = p_a * p_b + (1 - p_a) * (1 - p_b)
+    undefined = np.isclose(c_exp, 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(undefined, np.nan, (c_obs - c_exp) / np.where(undefined, 1.0, 1 - c_exp))
+
+
+def kappa_interval(correct_a: np.ndarray, correct_b: np.ndarray, *, resamples: int = BOOTSTRAP_RESAMPLES,
+                   seed: int = BOOTSTRAP_SEED, level: float = BOOTSTRAP_LEVEL,
+                   chunk: int = 100) -> tuple[float, float]:
+    """Percentile bootstrap interval of the kappa of two paired correctness vectors: the images
+    are resampled with replacement (the same images for both models), ``resamples`` times with a
+    generator seeded by ``seed``; resamples where kappa is undefined are left out. NaN when none
+    is defined."""
+    a, b = np.asarray(correct_a, bool), np.asarray(correct_b, bool)
+    rng = np.random.default_rng(seed)
+    kappas = []
+    for start in range(0, resamples, chunk):  # bounded memory: chunk x n indices at a time
+        idx = rng.integers(0, len(a), size=(min(chunk, resamples - start), len(a)))
+        ra, rb = a[idx], b[idx]
+        kappas.append(kappa_of_rates(ra.mean(1), rb.mean(1), (ra == rb).mean(1)))
+    values = np.concatenate(kappas)
+    values = values[~np.isnan(values)]
+    if not len(values):
+        return float("nan"), float("nan")
+    low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def error_consistency(df: pd.DataFrame, column: str = "correct_top1", *, self_pairs: bool = False,
+                      resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> pd.DataFrame:
+    """Cohen's kappa between every pair of models, on the images both classified, with its
+    bootstrap 95 % interval (:func:`kappa_interval`; none with ``resamples=0``).
 
     ``df``: the predictions table (``model``, ``image_id``, ``column``). Returns one row per
     pair (with ``self_pairs``, each model with itself too, for a full matrix): ``model_a, model_b,
-    n_images, accuracy_a, accuracy_b, observed_agreement, kappa`` (kappa NaN when both models are
-    always right or always wrong on those images)."""
+    n_images, accuracy_a, accuracy_b, observed_agreement, kappa, kappa_low, kappa_high`` (kappa
+    NaN when both models are always right or always wrong on those images)."""
     wide = correctness_matrix(df, column)
     out = []
     for a, b in _pairs(wide.columns, self_pairs):
         both = wide[list(dict.fromkeys((a, b)))].dropna()  # one column when a is b
         ca, cb = both[a].astype(bool).to_numpy(), both[b].astype(bool).to_numpy()
+        low, high = kappa_interval(ca, cb, resamples=resamples, seed=seed) if len(both) and resamples else (np.nan,) * 2
         out.append({
             "model_a": a, "model_b": b, "n_images": len(both),
             "accuracy_a": float(ca.mean()) if len(both) else np.nan,
             "accuracy_b": float(cb.mean()) if len(both) else np.nan,
             "observed_agreement": float((ca == cb).mean()) if len(both) else np.nan,
             "kappa": cohens_kappa(ca, cb) if len(both) else np.nan,
+            "kappa_low": low, "kappa_high": high,
         })
     return pd.DataFrame(out, columns=["model_a", "model_b", "n_images", "accuracy_a", "accuracy_b",
-                                      "observed_agreement", "kappa"])
+                                      "observed_agreement", "kappa", "kappa_low", "kappa_high"])
 
 
 def class_accuracy(df: pd.DataFrame, column: str = "correct_top1",
@@ -130,6 +168,6 @@ def class_accuracy_correlation(df: pd.DataFrame, column: str = "correct_top1",
 
 
 __all__ = [
-    "TABLE", "Params", "run", "correctness_matrix", "error_consistency", "class_accuracy",
+    "TABLE", "Params", "run", "correctness_matrix", "kappa_of_rates", "kappa_interval", "error_consistency", "class_accuracy",
     "class_accuracy_correlation",
 ]

@@ -44,6 +44,7 @@ REPORT = Summary(
     title="Patch shuffling", x="tile", x_label="tile size (px)",
     values={"correct_top1": "top-1 accuracy", "label_logit_delta": "label-logit change"},
     caption="Accuracy and change of the label logit when the image's tiles are shuffled, against tile size.",
+    log2_x=True,
 )
 
 
