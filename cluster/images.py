@@ -10,6 +10,7 @@ every other read the centre crop of :func:`bagnet.imagenet.eval_transform`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ class ImageSource:
     num_images: int
     class_names: list[str]
     items: list[dict] = field(default_factory=list)
+    digest: str | None = None  # ImageNet: sha256 of the picked files' names and sizes (None: synthetic)
 
     @property
     def num_classes(self) -> int:
@@ -58,7 +60,10 @@ def describe(cfg: DataConfig, split: str) -> ImageSource:
     prefix = storage.resolve(index.path).rstrip("/") + "/"
     items = [{"path": p, "label": y, "image_id": f"{split}/{p.removeprefix(prefix)}"}
              for p, y in pick_evenly(index.samples, cfg.limit)]
-    return ImageSource(split, len(items), list(index.classes), items)
+    sha = hashlib.sha256()
+    for item in items:
+        sha.update(f"{item['image_id']}\t{item['label']}\t{index.sizes[item['path']]}\n".encode())
+    return ImageSource(split, len(items), list(index.classes), items, sha.hexdigest())
 
 
 def _synthetic_images(batch: dict[str, np.ndarray], *, seed: int, image_size: int, split: str) -> dict:
@@ -106,19 +111,38 @@ class TrainData:
     train_size: int
 
 
-def check_paths(cfg: DataConfig) -> None:
-    """Fail before any Ray work when an ImageNet split folder is missing; the error names it."""
+def check_paths(cfg: DataConfig) -> tuple[ImageSource, ImageSource] | None:
+    """Fail before any Ray work when an ImageNet split folder is missing or has an empty class
+    folder, or when train and val have different class folders; the error names them. Returns the
+    listed ``(train, val)`` for :func:`train_datasets` (None for the synthetic world)."""
     if cfg.dataset == "imagenet":
         for split in ("train", "val"):
             path = storage.join(cfg.root, split)
             if not storage.is_dir(path):
                 raise ConfigError(f"data.root: split folder not found: {path}")
+        train, val = describe(cfg, "train"), describe(cfg, "val")
+        check_same_classes(train, val, cfg.root)
+        return train, val
+    return None
 
 
-def train_datasets(cfg: DataConfig) -> TrainData:
+def check_same_classes(train: ImageSource, val: ImageSource, root: str | None) -> None:
+    """ConfigError naming the class folders one split has and the other lacks: labels are indices
+    into the sorted class list, so both splits must list the same classes."""
+    if train.class_names != val.class_names:
+        only_train = sorted(set(train.class_names) - set(val.class_names))
+        only_val = sorted(set(val.class_names) - set(train.class_names))
+        raise ConfigError(f"data.root: {root}/train and {root}/val have different class folders (missing in val: "
+                          f"{', '.join(only_train) or 'none'}; missing in train: {', '.join(only_val) or 'none'}); "
+                          "labels would mean other classes in each split")
+
+
+def train_datasets(cfg: DataConfig, sources: tuple[ImageSource, ImageSource] | None = None) -> TrainData:
     """The ``train`` and ``val`` splits as lazy Ray Datasets of ``image`` and ``label`` (the
-    tensor columns Ray Train iterates) for Ray Train."""
-    train, val = describe(cfg, "train"), describe(cfg, "val")
+    tensor columns Ray Train iterates) for Ray Train; ``sources``: the splits as
+    :func:`check_paths` listed them (listed here when None)."""
+    train, val = sources or (describe(cfg, "train"), describe(cfg, "val"))
+    check_same_classes(train, val, cfg.root)
     columns = ["image", "label"]
     return TrainData(image_dataset(cfg, train, augment=True).select_columns(columns),
                      image_dataset(cfg, val).select_columns(columns),

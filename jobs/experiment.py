@@ -23,7 +23,8 @@ if __package__ in (None, ""):  # `python jobs/experiment.py` from a checkout
 from bagnet.config import ConfigError, load_config
 from bagnet.experiments import EXPERIMENTS
 from cluster import evaluation
-from cluster.configs import CONFIG_DIR, ExperimentJobConfig
+from cluster.configs import CONFIG_DIR, ExperimentJobConfig, check_output
+from store import lock
 
 DEFAULT_CONFIG = CONFIG_DIR / "experiments-synthetic.yaml"
 
@@ -63,9 +64,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def run(cfg: ExperimentJobConfig, experiments: str, config_path: str | Path | None) -> dict[str, Any]:
     """Run ``experiments`` (comma-separated names or ``all``) of ``cfg``, printing a summary."""
     try:
+        check_output(cfg.output, "output")
         plan = evaluation.make_plan(cfg, evaluation.parse_experiments(experiments), config_path)
-        summary = evaluation.run_plan(plan)
-    except (ConfigError, evaluation.ActorPoolTimeout) as err:
+        with lock.acquire(plan.run_dir, job=f"experiment {plan.run_id}"):
+            summary = evaluation.run_plan(plan)
+    except (ConfigError, evaluation.ActorPoolTimeout, lock.RunLocked) as err:
         raise SystemExit(f"error: {err}") from None
     print_summary(summary)
     return summary
