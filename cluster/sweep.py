@@ -346,8 +346,11 @@ def check_resumable(sweep: Sweep) -> bool:
     if not storage.exists(record_path):
         return False
     try:
-        check_fingerprint(yaml.safe_load(storage.read_bytes(record_path)), sweep_record(sweep),
-                          where=f"sweep {sweep.dir}", rename="tune.name")
+        record = parse_yaml(storage.read_bytes(record_path))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{record_path}: invalid YAML ({err}); restore it, or set tune.name to start a new sweep") from None
+    try:
+        check_fingerprint(record, sweep_record(sweep), where=f"sweep {sweep.dir}", rename="tune.name")
     except RerunMismatch as err:
         raise ConfigError(str(err)) from None
     return True
