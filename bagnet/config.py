@@ -7,6 +7,8 @@ Every job uses :func:`load_config`. Unknown keys, wrong types and out-of-range v
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -18,6 +20,45 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key (and the file, if any)."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML's safe loader, stricter where YAML 1.1 surprises: a key given twice in one mapping is
+    an error (YAML keeps the last silently), and ``1e-3`` is a float (YAML 1.1 wants ``1.0e-3``)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (a later one would replace the earlier one)",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def parse_yaml(text: str | bytes) -> Any:
+    """``text`` parsed with :class:`ConfigLoader` (the one YAML reading rule of configs)."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def check_name(value: str, key: str) -> None:
+    """ConfigError naming ``key`` unless ``value`` is a single safe path segment: ASCII letters,
+    digits, ``.``, ``_`` and ``-``, starting with a letter or digit (so no ``..``, no ``/``, not
+    absolute, no hidden or ``_``-prefixed name that readers skip). Used for ``run.name``,
+    ``tune.name`` and ``run_id``, which name folders on storage."""
+    if not (isinstance(value, str) and SAFE_NAME.fullmatch(value) and value not in (".", "..")):
+        raise ConfigError(f"{key}: {value!r} is not a safe folder name: use ASCII letters, digits, '.', '_' "
+                          "and '-', starting with a letter or digit (no '/', no '..', no spaces)")
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -33,7 +74,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with another override of {part!r}")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[leaf] = parse_yaml(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: invalid YAML: {err}") from None
     return tree
 
 
@@ -54,7 +98,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = parse_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -143,6 +187,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
@@ -179,6 +225,6 @@ def require(condition: bool, key: str, message: str) -> None:
 
 
 __all__ = [
-    "ConfigError", "load_config", "from_dict", "parse_overrides", "merge", "read_yaml",
+    "ConfigError", "ConfigLoader", "parse_yaml", "check_name", "load_config", "from_dict", "parse_overrides", "merge", "read_yaml",
     "to_dict", "updated", "dump_yaml", "require",
 ]

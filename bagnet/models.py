@@ -43,6 +43,9 @@ __all__ = [
     "OptionError",
     "create_model",
     "model_bytes",
+    "check_input_size",
+    "saved_classes",
+    "class_difference",
     "list_models",
     "model_q",
 ]
@@ -532,3 +535,37 @@ def create_model(
     if saved is not None:
         load_weights(model, saved.state_dict, name=name, source=str(weights))
     return model
+
+
+def check_input_size(name: str, size: int, options: Mapping[str, Any] | None = None) -> None:
+    """ValueError unless model ``name`` (with builder ``options``) runs on ``size`` x ``size``
+    images: a BagNet needs at least its patch size q; any model is tried on the meta device (shapes
+    only: no memory, no compute), which catches kernels larger than a feature map."""
+    q = model_q(name)
+    if q is not None and size < q:
+        raise ValueError(f"{name} sees {q}x{q} px patches and cannot run on {size} px images")
+    with torch.device("meta"):
+        model = model_info(name).builder(2, **(options or {})).eval()
+        try:
+            model(torch.empty(1, 3, size, size))
+        except (RuntimeError, ValueError, AssertionError) as err:
+            raise ValueError(f"{name} cannot run on {size} px images ({str(err).splitlines()[0]})") from None
+
+
+def saved_classes(weights: Any) -> list[str] | None:
+    """The class names (in label order) saved with ``weights`` (a ``model.pt`` of this project),
+    None for weights saved without them."""
+    spec = read_saved(weights).spec
+    classes = spec.get("classes") if spec else None
+    return list(classes) if classes is not None else None
+
+
+def class_difference(saved: Sequence[str] | None, classes: Sequence[str]) -> str | None:
+    """How class list ``classes`` differs from ``saved`` (the first differing label), or None when
+    they agree or nothing was saved."""
+    if saved is None or list(saved) == list(classes):
+        return None
+    for i, (a, b) in enumerate(zip(saved, classes)):
+        if a != b:
+            return f"label {i} is {a!r} in the weights, {b!r} in the dataset"
+    return f"{len(saved)} classes in the weights, {len(classes)} in the dataset"

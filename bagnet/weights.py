@@ -175,9 +175,17 @@ def read_saved(weights: Any, name: str | None = None) -> Saved:
                 "s3:// path, URL, BagNet release name or torchvision weights name"
             )
         src = _download(url)
-    state = torch.load(src, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many types (EOFError, RuntimeError, UnpicklingError)
+        detail = str(err).splitlines()[0] if str(err) else "empty or truncated file"
+        raise ValueError(f"cannot load weights {weights} ({src}): {type(err).__name__}: {detail}") from None
     spec = state.get("model_spec") if isinstance(state, Mapping) else None
-    return Saved(_fix_densenet_keys(_unwrap(state, weights)), spec if isinstance(spec, Mapping) else None)
+    state_dict = _fix_densenet_keys(_unwrap(state, weights))
+    if bad := [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]:
+        raise ValueError(f"weights {weights} hold NaN or infinite values in {len(bad)} tensor(s), e.g. {bad[0]!r}; "
+                         "the training that wrote them diverged")
+    return Saved(state_dict, spec if isinstance(spec, Mapping) else None)
 
 
 def read_state_dict(weights: Any, name: str | None = None) -> dict[str, Tensor]:

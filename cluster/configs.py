@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bagnet import models as zoo
-from bagnet.config import ConfigError, require
+from bagnet.config import ConfigError, check_name, require, to_dict
 from bagnet.experiments import EXPERIMENTS
 from bagnet.synthetic import SPLITS, SyntheticWorld
 from bagnet.training import OptimConfig
+from bagnet.weights import resolve_url
 from cluster.runtime_env import FORWARDED_ENV
 from store import storage
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+MAX_IMAGE_SIZE = 2048  # px per side; larger images would need gigabytes each
 
 
 def looks_like_path(weights: str) -> bool:
@@ -51,12 +53,49 @@ class ModelConfig:
             raise ConfigError(f"options.{err.option}: {err}") from None
 
     def check_weights(self, key: str) -> None:
-        """ConfigError naming ``key`` when the weights name a local file that does not exist (checked
-        when a job starts, not when the config loads: a reproduce run trains them first)."""
-        if self.weights and not storage.is_remote(self.weights) and looks_like_path(self.weights):
-            require(Path(self.weights).expanduser().is_file(), key,
-                    f"file not found: {self.weights} (train it with `python jobs/train.py "
+        """ConfigError naming ``key`` when the weights name a file (local or ``s3://``) that does not
+        exist, or a name that is no release or torchvision weights of the model (checked when a job
+        starts, not when the config loads: a reproduce run trains them first)."""
+        if not self.weights or self.weights.startswith(("http://", "https://")):
+            return
+        if self.stored_weights:
+            found = storage.exists(self.weights) if storage.is_remote(self.weights) else \
+                Path(self.weights).expanduser().is_file()
+            require(found, key, f"file not found: {self.weights} (train it with `python jobs/train.py "
                     f"model.name={self.name} run.name={self.name}`, or set weights: null for a random init)")
+            return
+        try:
+            url = resolve_url(self.weights, self.name)
+        except ValueError as err:
+            raise ConfigError(f"{key}: {err}") from None
+        require(url is not None, key, f"cannot resolve weights {self.weights!r} for model {self.name!r}: not a "
+                "local file, s3:// path, URL, 'release' or a torchvision weights name of this model")
+
+    @property
+    def stored_weights(self) -> str | None:
+        """The weights' path (``~`` expanded) when they are a file of ours, local or ``s3://``."""
+        if self.weights and (self.weights.startswith("s3://") or
+                             (not storage.is_remote(self.weights) and looks_like_path(self.weights))):
+            return self.weights if storage.is_remote(self.weights) else storage.resolve(self.weights)
+        return None
+
+    def check_classes(self, key: str, classes: list[str]) -> None:
+        """ConfigError naming ``key`` when the weights were saved with a class list (a ``model.pt``
+        of ``jobs/train.py``) that is not ``classes``, the dataset's: labels would mean other classes."""
+        if self.stored_weights:
+            try:
+                saved = zoo.saved_classes(self.stored_weights)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"{key}: {err}") from None
+            if diff := zoo.class_difference(saved, classes):
+                raise ConfigError(f"{key}: the weights {self.weights} were trained on other classes than the "
+                                  f"dataset's ({diff}); evaluate them on data with the same class folders")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides this model's outputs: its config and, for weights stored as a file, the
+        sha256 of the file's bytes (a file replaced at the same path is another model)."""
+        path = self.stored_weights
+        return {**to_dict(self), "weights_sha256": storage.digest(path) if path else None}
 
     @property
     def weights_label(self) -> str:
@@ -80,7 +119,17 @@ class DataConfig:
     num_cpus: float = 1.0  # per generation / decoding task
 
     def validate(self) -> None:
-        require(self.image_size >= 16, "image_size", f"must be >= 16, got {self.image_size}")
+        require(16 <= self.image_size <= MAX_IMAGE_SIZE, "image_size",
+                f"must be in [16, {MAX_IMAGE_SIZE}], got {self.image_size}")
+        require(self.resize is None or self.resize >= self.image_size, "resize",
+                f"must be >= image_size ({self.image_size}): the centre crop is cut from the resized image; "
+                f"got {self.resize}")
+        if self.dataset == "synthetic":
+            try:
+                self.world()
+            except ValueError as err:
+                raise ConfigError(f"image_size: the synthetic world cannot draw {self.image_size}px images "
+                                  f"({err}); use 62 or more") from None
         for key in ("train_size", "val_size", "test_size", "read_batch_size"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         require(self.num_cpus > 0, "num_cpus", f"must be > 0, got {self.num_cpus}")
@@ -129,6 +178,16 @@ class RunConfig:
     crash_after_epoch: int | None = None  # fault drill: a worker process dies once, right after this epoch
     seed: int = 0  # model initialisation and each epoch's shuffle (ordered data: a rerun gives the same metrics)
 
+    def validate(self) -> None:
+        if self.name is not None:
+            check_name(self.name, "name")
+        require(self.max_failures >= -1, "max_failures",
+                f"must be >= 0 (or -1: restart without limit), got {self.max_failures}")
+        require(self.checkpoints_to_keep >= 1, "checkpoints_to_keep", f"must be >= 1, got {self.checkpoints_to_keep}")
+        require(self.log_every >= 1, "log_every", f"must be >= 1, got {self.log_every}")
+        require(self.crash_after_epoch is None or self.crash_after_epoch >= 0, "crash_after_epoch",
+                f"must be >= 0, got {self.crash_after_epoch}")
+
 
 @dataclass
 class TrainJobConfig:
@@ -137,6 +196,29 @@ class TrainJobConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> None:
+        check_input_size(self.model, self.data.image_size, "model.name")
+
+
+def check_input_size(model: ModelConfig, image_size: int, key: str) -> None:
+    """ConfigError naming ``key`` when ``model`` cannot run on ``image_size`` px images."""
+    try:
+        zoo.check_input_size(model.name, image_size, model.options)
+    except ValueError as err:
+        raise ConfigError(f"{key}: {err}; raise the data's image_size") from None
+
+
+def check_output(path: str, key: str) -> None:
+    """ConfigError naming ``key`` when results cannot go to ``path``: a local path that is a file,
+    or an ``s3://`` path whose bucket does not exist."""
+    if storage.is_remote(path):
+        scheme, _, rest = path.partition("://")
+        bucket = f"{scheme}://{rest.split('/', 1)[0]}"
+        require(storage.is_dir(bucket), key, f"bucket not found: {bucket} (create it, or check the name, "
+                "AWS_ENDPOINT_URL and credentials)")
+    else:
+        require(not Path(path).expanduser().is_file(), key, f"{path} is a file; name a folder")
 
 
 @dataclass
@@ -202,8 +284,9 @@ class ExperimentJobConfig:
             require(name in EXPERIMENTS, f"experiments.{name}", f"unknown experiment; known: {', '.join(EXPERIMENTS)}")
             require(params is None or isinstance(params, dict), f"experiments.{name}", f"expected a mapping, got {params!r}")
         if self.run_id is not None:
-            require(bool(self.run_id) and "/" not in self.run_id and not self.run_id.startswith(("_", ".")),
-                    "run_id", f"{self.run_id!r} is not a directory name")
+            check_name(self.run_id, "run_id")
+        for i, model in enumerate(self.models):
+            check_input_size(model, self.data.image_size, f"models[{i}].name")
 
 
 @dataclass
@@ -255,7 +338,7 @@ def config_path(path: str | Path) -> Path:
 
 
 __all__ = [
-    "CONFIG_DIR", "config_path", "looks_like_path", "ModelConfig", "DataConfig", "ScalingConfig", "RunConfig",
+    "CONFIG_DIR", "MAX_IMAGE_SIZE", "config_path", "looks_like_path", "check_input_size", "check_output", "ModelConfig", "DataConfig", "ScalingConfig", "RunConfig",
     "TrainJobConfig", "ComputeConfig", "ExperimentJobConfig", "TrainStage", "ExperimentStage", "ReportStage",
     "ReproduceConfig", "OptimConfig",
 ]

@@ -125,11 +125,13 @@ def make_plan(cfg: ExperimentJobConfig, experiments: list[str], config_path: str
     source = describe(cfg.data, cfg.split)
     for i, model in enumerate(cfg.models):
         model.check_weights(f"models[{i}].weights")
+        model.check_classes(f"models[{i}].weights", source.class_names)
         require(model.num_classes is None or model.num_classes >= source.num_classes, f"models[{i}].num_classes",
                 f"{model.name} has {model.num_classes} classes but the dataset has {source.num_classes}")
     run_id = cfg.run_id or (Path(config_path).stem if config_path else "experiments")
     run_dir = storage.join(storage.resolve(cfg.output), run_id)
-    common = {"data": cfg.data.fingerprint(cfg.split), "seed": cfg.seed, "precision": cfg.precision}
+    common = {"data": cfg.data.fingerprint(cfg.split), "images": source.digest, "seed": cfg.seed,
+              "precision": cfg.precision}
     parts = []
     for name, module in modules.items():
         datasets = getattr(module, "DATASETS", None)
@@ -148,7 +150,7 @@ def make_plan(cfg: ExperimentJobConfig, experiments: list[str], config_path: str
             partitions = {"experiment": name, "model": model.name}
             path = results.part_dir(run_dir, module.TABLE, partitions)
             failures_path = results.part_dir(run_dir, results.FAILURES_TABLE, partitions)
-            fingerprint = {**common, "model": to_dict(model), "params": to_dict(params[name])}
+            fingerprint = {**common, "model": model.fingerprint(), "params": to_dict(params[name])}
             marker = finished_marker(path, failures_path, f"{name}/{model.name}")
             try:
                 results.check_fingerprint(marker and marker.get("fingerprint", {}), fingerprint,

@@ -10,6 +10,7 @@ every other read the centre crop of :func:`bagnet.imagenet.eval_transform`.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 import uuid
@@ -39,6 +40,7 @@ class ImageSource:
     num_images: int
     class_names: list[str]
     files: pa.Table | None = None
+    digest: str | None = None  # ImageNet: sha256 of the listed files' ids, labels and sizes (None: synthetic)
 
     @property
     def num_classes(self) -> int:
@@ -62,14 +64,23 @@ def describe(cfg: DataConfig, split: str) -> ImageSource:
         raise ConfigError(f"data.root: {err}") from None
     if cfg.limit and cfg.limit < files.num_rows:
         files = files.take(np.linspace(0, files.num_rows - 1, cfg.limit).round().astype(int))  # as pick_evenly
-    return ImageSource(split, files.num_rows, classes, files)
+    return ImageSource(split, files.num_rows, classes, files, files_digest(files))
+
+
+def files_digest(files: pa.Table) -> str:
+    """sha256 of the listed files' ids, labels and sizes: changes when a file is added, removed,
+    relabelled or rewritten with another size (the experiments' rerun fingerprint)."""
+    sha = hashlib.sha256()
+    for image_id, label, size in zip(*(files[c].to_pylist() for c in ("image_id", "label", "size"))):
+        sha.update(f"{image_id}\t{label}\t{size}\n".encode())
+    return sha.hexdigest()
 
 
 LIST_THREADS = 32  # class folders listed at once (S3 lists 1,000 keys a request)
 
 
 def list_split(root: str, split: str) -> tuple[list[str], pa.Table]:
-    """The class names and files (``path``, ``label``, ``image_id``) of ``root/<split>/<class>/...``
+    """The class names and files (``path``, ``label``, ``image_id``, ``size``) of ``root/<split>/<class>/...``
     in :class:`bagnet.imagenet.ImageFolderIndex`'s order and with its rules, the class folders
     listed in parallel and the files kept as Arrow columns, not Python objects. Raises
     ``FileNotFoundError`` as the index does (missing root or split, no class folder, an empty one)."""
@@ -82,19 +93,22 @@ def list_split(root: str, split: str) -> tuple[list[str], pa.Table]:
         raise FileNotFoundError(f"no class folders in {path}")
     prefix = storage.resolve(path).rstrip("/") + "/"
 
-    def images_of(name: str) -> pa.Array:
-        return pa.array(sorted(p for p in storage.walk_files(storage.join(path, name))
-                               if p.lower().endswith(IMAGE_EXTENSIONS)), pa.string())
+    def images_of(name: str) -> pa.Table:
+        found = [(p, size) for p, size in storage.walk_file_sizes(storage.join(path, name))
+                 if p.lower().endswith(IMAGE_EXTENSIONS)]
+        return pa.table({"path": pa.array([p for p, _ in found], pa.string()),
+                         "size": pa.array([size for _, size in found], pa.int64())})
 
     with ThreadPoolExecutor(max_workers=min(LIST_THREADS, len(classes))) as pool:
         per_class = list(pool.map(images_of, classes))
-    if empty := [c for c, files in zip(classes, per_class) if len(files) == 0]:
+    if empty := [c for c, files in zip(classes, per_class) if files.num_rows == 0]:
         shown = ", ".join(f"{path}/{c}" for c in empty[:5])
         raise FileNotFoundError(f"no images ({'/'.join(IMAGE_EXTENSIONS)}) in {len(empty)} class folder(s): {shown}")
-    paths = pa.chunked_array(per_class, pa.string())
-    labels = pa.chunked_array([pa.array(np.full(len(f), y, np.int64)) for y, f in enumerate(per_class)])
+    paths = pa.chunked_array([t["path"].combine_chunks() for t in per_class], pa.string())
+    sizes = pa.chunked_array([t["size"].combine_chunks() for t in per_class], pa.int64())
+    labels = pa.chunked_array([pa.array(np.full(t.num_rows, y, np.int64)) for y, t in enumerate(per_class)])
     ids = pc.binary_join_element_wise(pa.scalar(f"{split}/"), pc.utf8_slice_codeunits(paths, len(prefix)), "")
-    return classes, pa.table({"path": paths, "label": labels, "image_id": ids})
+    return classes, pa.table({"path": paths, "label": labels, "image_id": ids, "size": sizes})
 
 
 def _synthetic_images(batch: dict[str, np.ndarray], *, seed: int, image_size: int, split: str,
@@ -187,13 +201,30 @@ class TrainData:
     train_size: int
 
 
-def check_paths(cfg: DataConfig) -> None:
-    """Fail before any Ray work when an ImageNet split folder is missing; the error names it."""
+def check_paths(cfg: DataConfig) -> tuple[ImageSource, ImageSource] | None:
+    """Fail before any Ray work when an ImageNet split folder is missing or has an empty class
+    folder, or when train and val have different class folders; the error names them. Returns the
+    listed ``(train, val)`` for :func:`train_datasets` (None for the synthetic world)."""
     if cfg.dataset == "imagenet":
         for split in ("train", "val"):
             path = storage.join(cfg.root, split)
             if not storage.is_dir(path):
                 raise ConfigError(f"data.root: split folder not found: {path}")
+        train, val = describe(cfg, "train"), describe(cfg, "val")
+        check_same_classes(train, val, cfg.root)
+        return train, val
+    return None
+
+
+def check_same_classes(train: ImageSource, val: ImageSource, root: str | None) -> None:
+    """ConfigError naming the class folders one split has and the other lacks: labels are indices
+    into the sorted class list, so both splits must list the same classes."""
+    if train.class_names != val.class_names:
+        only_train = sorted(set(train.class_names) - set(val.class_names))
+        only_val = sorted(set(val.class_names) - set(train.class_names))
+        raise ConfigError(f"data.root: {root}/train and {root}/val have different class folders (missing in val: "
+                          f"{', '.join(only_train) or 'none'}; missing in train: {', '.join(only_val) or 'none'}); "
+                          "labels would mean other classes in each split")
 
 
 SKIPPED_PREFIX = "_skipped-"  # a training run's records of the images it skipped (one file per batch)
@@ -222,11 +253,14 @@ def skipped_images(run_dir: str) -> pa.Table:
     return table.group_by("path").aggregate([("error", "max")]).rename_columns(["path", "error"])
 
 
-def train_datasets(cfg: DataConfig, skipped_to: str | None = None) -> TrainData:
+def train_datasets(cfg: DataConfig, sources: tuple[ImageSource, ImageSource] | None = None,
+                   skipped_to: str | None = None) -> TrainData:
     """The ``train`` and ``val`` splits as lazy Ray Datasets of ``image`` and ``label`` (the
     tensor columns Ray Train iterates) for Ray Train. Undecodable images are left out, logged and,
-    with ``skipped_to`` (the training run folder), recorded there (:func:`skipped_images`)."""
-    train, val = describe(cfg, "train"), describe(cfg, "val")
+    with ``skipped_to`` (the training run folder), recorded there (:func:`skipped_images`);
+    ``sources``: the splits as :func:`check_paths` listed them (listed here when None)."""
+    train, val = sources or (describe(cfg, "train"), describe(cfg, "val"))
+    check_same_classes(train, val, cfg.root)
 
     def usable(source: ImageSource, augment: bool) -> ray.data.Dataset:
         return image_dataset(cfg, source, augment=augment, keep_failures=True).map_batches(

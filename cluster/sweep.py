@@ -36,7 +36,8 @@ from ray.tune.logger import TBXLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from bagnet.config import ConfigError, dump_yaml, from_dict, merge, parse_overrides, read_yaml, require, to_dict
+from bagnet.config import (ConfigError, check_name, dump_yaml, from_dict, merge, parse_overrides, parse_yaml,
+                           read_yaml, require, to_dict)
 from bagnet.models import model_q
 from cluster import paths, training
 from cluster.configs import TrainJobConfig
@@ -95,6 +96,8 @@ class TuningConfig:
         require(self.max_concurrent_trials >= 0, "max_concurrent_trials", f"must be >= 0, got {self.max_concurrent_trials}")
         require(self.driver_cpus > 0, "driver_cpus", f"must be > 0, got {self.driver_cpus}")
         require(self.max_failures >= 0, "max_failures", f"must be >= 0, got {self.max_failures}")
+        if self.name is not None:
+            check_name(self.name, "name")
 
 
 @dataclass
@@ -248,7 +251,7 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> Sweep:
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if sep and key.startswith("search_space."):
-            raw = merge(raw, {"search_space": {key[len("search_space."):]: yaml.safe_load(value)}})
+            raw = merge(raw, {"search_space": {key[len("search_space."):]: parse_yaml(value)}})
         else:
             plain.append(item)
     raw = merge(raw, parse_overrides(plain))
@@ -356,8 +359,11 @@ def check_resumable(sweep: Sweep) -> bool:
     if not storage.exists(record_path):
         return False
     try:
-        check_fingerprint(yaml.safe_load(storage.read_bytes(record_path)), sweep_record(sweep),
-                          where=f"sweep {sweep.dir}", rename="tune.name")
+        record = parse_yaml(storage.read_bytes(record_path))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{record_path}: invalid YAML ({err}); restore it, or set tune.name to start a new sweep") from None
+    try:
+        check_fingerprint(record, sweep_record(sweep), where=f"sweep {sweep.dir}", rename="tune.name")
     except RerunMismatch as err:
         raise ConfigError(str(err)) from None
     return True

@@ -38,7 +38,7 @@ from ray.train.torch import TorchTrainer
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
-from bagnet.config import ConfigError, dump_yaml, to_dict
+from bagnet.config import ConfigError, check_name, dump_yaml, parse_yaml, to_dict
 from bagnet.imagenet import to_model_input
 from bagnet.models import ModelSpec, create_model, model_bytes
 from bagnet.training import evaluate, make_optimizer, train_epoch
@@ -53,6 +53,14 @@ CHECKPOINT_PREFIX = "epoch_"
 # Data keys that decide how images are made in parallel, or a split training never reads: a rerun
 # may change them.
 DATA_KEYS_OUTSIDE_RESULT = ("read_batch_size", "num_cpus", "test_size")
+# The settings a resumed run may change: they decide how and where it computes, how long it runs
+# and how it logs, not what one epoch does. ``optim.epochs`` continues a finished run; every
+# ``scaling.*`` key may change (a resumed run may get other workers: ``optim.lr`` is per 256
+# images, so the step size follows the global batch). Any other change is refused, naming the key.
+RESUMABLE_KEYS = (
+    "optim.epochs", "optim.channels_last", "scaling", "run.name", "run.storage_path", "run.max_failures",
+    "run.checkpoints_to_keep", "run.log_every", "run.crash_after_epoch",
+    *(f"data.{key}" for key in DATA_KEYS_OUTSIDE_RESULT))
 
 
 @dataclass(frozen=True)
@@ -91,20 +99,23 @@ def ray_storage(path: str) -> dict[str, Any]:
 
 
 def run_dir(cfg: TrainJobConfig, name: str) -> str:
+    """Run ``name``'s folder (ConfigError unless ``name`` is a safe folder name)."""
+    check_name(name, "run.name")
     return storage.join(storage.resolve(cfg.run.storage_path), name)
 
 
 def fingerprint(config: Mapping[str, Any]) -> dict[str, Any]:
     """What decides a run's result, from its config as a plain mapping (``to_dict`` of a
-    TrainJobConfig, or a run's saved ``config.yaml``): the ``model`` section and the ``data``
-    section less :data:`DATA_KEYS_OUTSIDE_RESULT`.
-
-    ``optim``, ``scaling`` and ``run`` may change between invocations of the same run: raising
-    ``optim.epochs`` continues a finished run from its last checkpoint, other optimiser settings
-    apply from the next epoch, and a resumed run may get other workers.
+    TrainJobConfig, or a run's saved ``config.yaml``): everything but :data:`RESUMABLE_KEYS`.
     """
-    data = {k: v for k, v in config.get("data", {}).items() if k not in DATA_KEYS_OUTSIDE_RESULT}
-    return {"model": dict(config.get("model", {})), "data": data}
+    out = {section: dict(values) for section, values in config.items() if isinstance(values, Mapping)}
+    for dotted in RESUMABLE_KEYS:
+        section, _, key = dotted.partition(".")
+        if key:
+            out.get(section, {}).pop(key, None)
+        else:
+            out.pop(section, None)
+    return out
 
 
 def check_rerun(cfg: TrainJobConfig, path: str) -> bool:
@@ -114,7 +125,13 @@ def check_rerun(cfg: TrainJobConfig, path: str) -> bool:
     config_path = storage.join(path, CONFIG_FILE)
     if not storage.exists(config_path):
         return False
-    saved = yaml.safe_load(storage.read_bytes(config_path)) or {}
+    try:
+        saved = parse_yaml(storage.read_bytes(config_path)) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{config_path}: invalid YAML ({err}); restore it, or set run.name to start a new run") from None
+    if not isinstance(saved, Mapping):
+        raise ConfigError(f"{config_path}: not a training config (a mapping); restore it, or set run.name to start "
+                          "a new run")
     try:
         check_fingerprint(fingerprint(saved), fingerprint(to_dict(cfg)), where=f"run {path}", rename="run.name")
     except RerunMismatch as err:
@@ -149,9 +166,15 @@ def checkpoint_epoch(path: str) -> int:
 
 def checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
     """The training state a checkpoint holds: ``model``, ``optimizer``, ``epoch``, ``history``,
-    ``model_spec``."""
+    ``model_spec``. Read with ``weights_only=True``: tensors and plain data only, so a pickle
+    planted in the run folder cannot run code; a file that is not such a state is named."""
     with checkpoint.as_directory() as d:
-        return torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=False)
+        path = os.path.join(d, STATE_FILE)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - torch raises many types on a bad or unsafe file
+            raise ValueError(f"cannot load training state {checkpoint.path}/{STATE_FILE}: {type(err).__name__}: "
+                             f"{str(err).splitlines()[0] if str(err) else 'empty or truncated file'}") from None
 
 
 def _resume_state(path: str) -> dict[str, Any] | None:

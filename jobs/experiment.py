@@ -23,9 +23,10 @@ if __package__ in (None, ""):  # `python jobs/experiment.py` from a checkout
 from bagnet.config import ConfigError, dump_yaml, load_config
 from bagnet.experiments import EXPERIMENTS
 from cluster import evaluation
-from cluster.configs import CONFIG_DIR, ExperimentJobConfig
+from cluster.configs import CONFIG_DIR, ExperimentJobConfig, check_output
 from cluster.images import ImageReadError
 from cluster.paths import job_paths
+from store import lock
 
 DEFAULT_CONFIG = CONFIG_DIR / "experiments-synthetic.yaml"
 
@@ -76,9 +77,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def run(cfg: ExperimentJobConfig, experiments: str, config_path: str | Path | None) -> dict[str, Any]:
     """Run ``experiments`` (comma-separated names or ``all``) of ``cfg``, printing a summary."""
     try:
+        check_output(cfg.output, "output")
         plan = evaluation.make_plan(cfg, evaluation.parse_experiments(experiments), config_path)
-        summary = evaluation.run_plan(plan)
-    except (ConfigError, evaluation.ActorPoolTimeout, evaluation.AccountingError, ImageReadError) as err:
+        with lock.acquire(plan.run_dir, job=f"experiment {plan.run_id}"):
+            summary = evaluation.run_plan(plan)
+    except (ConfigError, evaluation.ActorPoolTimeout, evaluation.AccountingError, ImageReadError,
+            lock.RunLocked) as err:
         raise SystemExit(f"error: {err}") from None
     print_summary(summary)
     return summary

@@ -24,10 +24,11 @@ if __package__ in (None, ""):  # `python jobs/train.py` from a checkout
 
 from bagnet.config import ConfigError, dump_yaml, load_config
 from cluster import training
-from cluster.configs import CONFIG_DIR, TrainJobConfig
+from cluster.configs import CONFIG_DIR, TrainJobConfig, check_output
 from cluster.images import check_paths, skipped_images, train_datasets
 from cluster.paths import job_paths
 from cluster.ray_env import init_ray
+from store import lock
 
 DEFAULT_CONFIG = CONFIG_DIR / "synthetic.yaml"
 
@@ -54,10 +55,21 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def train(cfg: TrainJobConfig, name: str) -> dict:
-    """Train (or resume, or find complete) run ``name`` of ``cfg``, printing progress and a summary."""
+    """Train (or resume, or find complete) run ``name`` of ``cfg``, printing progress and a summary;
+    holds the run's lock (store.lock) meanwhile."""
     try:
-        check_paths(cfg.data)
+        lease = lock.acquire(training.run_dir(cfg, name), job=f"train {name}")
+    except (ConfigError, lock.RunLocked) as err:
+        raise SystemExit(f"error: {err}") from None
+    with lease:
+        return _train(cfg, name)
+
+
+def _train(cfg: TrainJobConfig, name: str) -> dict:
+    try:
+        sources = check_paths(cfg.data)
         cfg.model.check_weights("model.weights")
+        check_output(cfg.run.storage_path, "run.storage_path")
         run_dir = training.run_dir(cfg, name)
         complete = training.check_rerun(cfg, run_dir)
     except ConfigError as err:
@@ -68,7 +80,7 @@ def train(cfg: TrainJobConfig, name: str) -> dict:
         return {"run_dir": run_dir, "skipped": True}
 
     init_ray()
-    data = train_datasets(cfg.data, skipped_to=run_dir)
+    data = train_datasets(cfg.data, sources, skipped_to=run_dir)
     print(f"training {cfg.model.name} on {cfg.data.dataset} ({data.num_classes} classes) with "
           f"{cfg.scaling.num_workers} worker(s); run dir {run_dir}", flush=True)
     try:

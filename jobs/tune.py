@@ -31,9 +31,10 @@ import pandas as pd
 
 from bagnet.config import ConfigError
 from cluster import sweep as sweeps
-from cluster.configs import CONFIG_DIR
+from cluster.configs import CONFIG_DIR, check_output
 from cluster.images import check_paths
 from cluster.ray_env import init_ray
+from store import lock
 
 DEFAULT_CONFIG = CONFIG_DIR / "tune-synthetic.yaml"
 
@@ -57,9 +58,16 @@ def main(argv: list[str] | None = None) -> dict:
             return {"sweep": sweep}
         check_paths(sweeps.trial_config(sweep.base, {}).data)
         sweeps.check_resumable(sweep)
-    except ConfigError as err:
+        check_output(sweep.storage_path, "tune.storage_path")
+        lease = lock.acquire(sweep.dir, job=f"tune {sweep.name}")
+    except (ConfigError, lock.RunLocked) as err:
         raise SystemExit(f"error: {err}") from None
+    with lease:
+        return run_sweep(sweep)
 
+
+def run_sweep(sweep: sweeps.Sweep) -> dict:
+    """Run (or resume) ``sweep`` and print its summary (the caller holds its lock)."""
     init_ray()
     start = time.perf_counter()
     tuner = sweeps.make_tuner(sweep)

@@ -9,6 +9,7 @@ region policy serves all of them: S3-compatible stores (MinIO, moto, Ceph) are r
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -119,6 +120,7 @@ def write_bytes_atomic(path: str, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, inner)
+        _fsync_dir(folder)
     else:
         with fs.open_output_stream(inner) as f:
             f.write(data)
@@ -155,3 +157,40 @@ def delete(path: str) -> None:
         fs.delete_dir(inner)
     elif info.type == pafs.FileType.File:
         fs.delete_file(inner)
+
+
+def _fsync_dir(folder: str) -> None:
+    """Persist a rename in ``folder`` (POSIX; Windows cannot open a directory)."""
+    if hasattr(os, "O_DIRECTORY"):
+        fd = os.open(folder or ".", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def walk_file_sizes(path: str) -> list[tuple[str, int]]:
+    """``(path, size in bytes)`` of every file below the folder at ``path``, like :func:`walk_files`."""
+    fs, inner = pyarrow_fs(path)
+    infos = fs.get_file_info(pafs.FileSelector(inner.rstrip("/"), recursive=True))
+    return sorted((_uri(path, i.path), i.size) for i in infos if i.type == pafs.FileType.File)
+
+
+_DIGESTS: dict[tuple[str, int, Any], str] = {}
+
+
+def digest(path: str) -> str:
+    """sha256 (hex) of the file at ``path``'s bytes; cached in this process by path, size and
+    modification time, so a file replaced in place gets a new digest."""
+    fs, inner = pyarrow_fs(path)
+    info = fs.get_file_info(inner)
+    if info.type != pafs.FileType.File:
+        raise FileNotFoundError(f"no such file: {path}")
+    key = (resolve(path), info.size, info.mtime_ns)
+    if key not in _DIGESTS:
+        sha = hashlib.sha256()
+        with fs.open_input_stream(inner) as f:
+            while chunk := f.read(1 << 20):
+                sha.update(chunk)
+        _DIGESTS[key] = sha.hexdigest()
+    return _DIGESTS[key]

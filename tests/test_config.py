@@ -10,11 +10,11 @@ from cluster.sweep import load_sweep
 def test_defaults_and_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("model:\n  name: bagnet9_small\noptim:\n  lr: 0.2\n")
-    cfg = load_config(TrainJobConfig, path, ["optim.lr=0.05", "data.image_size=32", "optim.schedule=step",
+    cfg = load_config(TrainJobConfig, path, ["optim.lr=0.05", "data.image_size=96", "optim.schedule=step",
                                              "model.options.aligned=true"])
     assert cfg.model.name == "bagnet9_small" and cfg.model.options == {"aligned": True}
     assert cfg.optim.lr == 0.05 and isinstance(cfg.optim.lr, float)
-    assert cfg.data.image_size == 32 and cfg.optim.schedule == "step"
+    assert cfg.data.image_size == 96 and cfg.optim.schedule == "step"
 
 
 @pytest.mark.parametrize("override, needle", [

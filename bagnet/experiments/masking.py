@@ -49,6 +49,7 @@ from bagnet.experiments.perturb import (
     prepare_run,
     require_values,
 )
+from bagnet.models import list_models, model_q
 
 TABLE = "masking"
 RANKINGS: tuple[str, ...] = ("bagnet_heatmap", "occlusion", "integrated_gradients", "random")
@@ -89,6 +90,8 @@ class Params:
         require(self.blur_sigma > 0, "blur_sigma", f"must be > 0, got {self.blur_sigma}")
         require(self.ig_steps >= 1, "ig_steps", f"must be >= 1, got {self.ig_steps}")
         require(self.heatmap_model != "", "heatmap_model", "must be a model name or null")
+        require(self.heatmap_model is None or self.heatmap_model not in list_models() or model_q(self.heatmap_model),
+                "heatmap_model", f"{self.heatmap_model!r} is not a BagNet (no patch size q); name a BagNet")
 
 
 
