@@ -10,8 +10,8 @@ large heatmaps table, and listing a large ImageNet-layout tree (docs/performance
     python -m bench.scale --n 16 32 --size 64 --classes 4 --maps 64 --map-size 64 --files 2000 --work /tmp/scale-tiny
 
 Each measurement runs in a fresh subprocess (``--measure``) that prints its own peak RSS
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) as JSON, so one measurement's memory never counts
-towards another's:
+(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and how far the measured call raised it above the
+imports' (``rss_growth_mb``) as JSON, so one measurement's memory never counts towards another's:
 
 * ``experiment``: predictions plus full-resolution heatmaps of ``bagnet33_small`` and
   ``resnet_small`` over N images of a generated tree (``--classes`` class folders of JPEGs made by
@@ -56,6 +56,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def measured(fn, *args) -> dict:
+    """``fn(*args)``'s result with ``peak_rss_mb`` (the process's peak) and ``rss_growth_mb`` (how
+    far the measured call raised it above the peak of the imports before it)."""
+    before = peak_rss_mb()
+    out = fn(*args)
+    return {**out, "peak_rss_mb": peak_rss_mb(), "rss_growth_mb": peak_rss_mb() - before}
+
+
 def class_name(c: int) -> str:
     return f"n{c:08d}"
 
@@ -76,13 +84,15 @@ def measure_experiment(root: str, out: str, n: int, size: int) -> dict:
         f"output={out}", f"run_id=n{n}", "data.dataset=imagenet", f"data.root={root}", "split=val",
         f"data.image_size={size}", f"data.resize={size}", "experiments.heatmaps={resolution: full}",
         "models=[{name: bagnet33_small}, {name: resnet_small}]"])
+    if storage.exists(storage.join(out, f"n{n}")):
+        storage.delete(storage.join(out, f"n{n}"))  # measure a full run, not a resumed one
     start = time.perf_counter()
     summary = evaluation.run_plan(evaluation.make_plan(cfg, ["predictions", "heatmaps"], None))
     run = next(r for r in catalog.discover(out).runs if r.name == f"n{n}")
     failed = set(catalog.read_table(run, results.FAILURES_TABLE, ["path"])["path"].to_pylist())
     evaluated = sum(m["images"] for m in results.completed_parts(summary["run_dir"]).values() if "images" in m)
-    return {"seconds": time.perf_counter() - start, "driver_peak_rss_mb": peak_rss_mb(),
-            "images_read": summary["reads"]["images"], "file_reads": summary["reads"]["reads"],
+    return {"seconds": time.perf_counter() - start, "images_read": summary["reads"]["images"],
+            "file_reads": summary["reads"]["reads"],
             "rows_written": sum(summary["rows"].values()), "images_evaluated": evaluated,
             "bad_files_in_failures": sum(any(p.endswith(b) for p in failed) for b in BAD_FILES)}
 
@@ -117,12 +127,13 @@ def make_heatmaps_run(out: Path, maps: int, size: int, chunk: int = 500) -> None
 def measure_report(results_dir: str, out: str) -> dict:
     start = time.perf_counter()
     build_report(results_dir, out)
-    return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
+    return {"seconds": time.perf_counter() - start}
 
 
 def measure_listing(root: str, mode: str) -> dict:
     start = time.perf_counter()
-    cfg = load_config(ExperimentJobConfig, None, ["data.dataset=imagenet", f"data.root={root}", "split=val"])
+    cfg = load_config(ExperimentJobConfig, None, ["data.dataset=imagenet", f"data.root={root}", "split=val",
+                                                  "models=[{name: resnet_small}]"])
     if mode == "dicts":  # the listing before: one Python dict per file in the driver
         index = ImageFolderIndex(storage.resolve(root), "val")
         prefix = storage.resolve(index.path).rstrip("/") + "/"
@@ -130,14 +141,15 @@ def measure_listing(root: str, mode: str) -> dict:
         count = len(items)
     else:
         count = describe(cfg.data, "val").num_images
-    return {"seconds": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb(), "files": count}
+    return {"seconds": time.perf_counter() - start, "files": count}
 
 
 def run_measure(*args: str) -> dict:
     """One ``--measure`` in a fresh process; its JSON line."""
     out = subprocess.run([sys.executable, "-m", "bench.scale", "--measure", *args], capture_output=True, text=True)
     if out.returncode:
-        raise RuntimeError(f"bench.scale --measure {' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"bench.scale --measure {' '.join(args)} failed:\n"
+                           f"{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -157,24 +169,26 @@ def main(argv: list[str] | None = None) -> Table:
         kind, *rest = a.measure
         fn = {"experiment": lambda r, o, n, s: measure_experiment(r, o, int(n), int(s)),
               "report": measure_report, "listing": measure_listing}[kind]
-        print(json.dumps(fn(*rest)))
+        print(json.dumps(measured(fn, *rest)))
         return Table([])
     work = Path(a.work)
-    table = Table(["measurement", "n", "seconds", "peak_rss_mb", "images_read", "file_reads", "rows_written",
-                   "images_evaluated", "bad_in_failures"], info=machine_info())
+    table = Table(["measurement", "n", "seconds", "peak_rss_mb", "rss_growth_mb", "images_read", "file_reads",
+                   "rows_written", "images_evaluated", "bad_in_failures"], info=machine_info())
     for n in a.n:
         root = work / f"tree-{n}"
         if not (root / "val").exists():
             make_tree(root, n, a.size, a.classes)
         m = run_measure("experiment", str(root), str(work / "results"), str(n), str(a.size))
-        table.add(measurement="experiment", n=n, seconds=m["seconds"], peak_rss_mb=m["driver_peak_rss_mb"],
-                  images_read=m["images_read"], file_reads=m["file_reads"], rows_written=m["rows_written"],
+        table.add(measurement="experiment", n=n, seconds=m["seconds"], peak_rss_mb=m["peak_rss_mb"],
+                  rss_growth_mb=m["rss_growth_mb"], images_read=m["images_read"], file_reads=m["file_reads"],
+                  rows_written=m["rows_written"],
                   images_evaluated=m["images_evaluated"], bad_in_failures=m["bad_files_in_failures"])
     big = work / "heatmaps"
     if not (big / "big" / results.MARKER).exists():
         make_heatmaps_run(big, a.maps, a.map_size)
     m = run_measure("report", str(big), str(work / "report"))
-    table.add(measurement="report", n=a.maps, seconds=m["seconds"], peak_rss_mb=m["peak_rss_mb"])
+    table.add(measurement="report", n=a.maps, seconds=m["seconds"], peak_rss_mb=m["peak_rss_mb"],
+              rss_growth_mb=m["rss_growth_mb"])
     tree = work / f"listing-{a.files}"
     if not (tree / "val").exists():
         for i in range(a.files):
@@ -183,7 +197,8 @@ def main(argv: list[str] | None = None) -> Table:
             (folder / f"{i:07d}.JPEG").write_bytes(b"x")
     for mode in ("dicts", "parallel"):
         m = run_measure("listing", str(tree), mode)
-        table.add(measurement=f"listing ({mode})", n=m["files"], seconds=m["seconds"], peak_rss_mb=m["peak_rss_mb"])
+        table.add(measurement=f"listing ({mode})", n=m["files"], seconds=m["seconds"],
+                  peak_rss_mb=m["peak_rss_mb"], rss_growth_mb=m["rss_growth_mb"])
     table.write_csv(a.csv)
     return table
 

@@ -336,7 +336,9 @@ def read_images(plan: Plan, env: dict | None) -> tuple[ray.data.Dataset, dict[st
     held in Ray's object store for every model's pass, and the counts: ``images`` (rows),
     ``reads`` (file read attempts, retries included; 0 for generated images), ``undecodable``."""
     start = time.perf_counter()
-    images = image_dataset(plan.cfg.data, plan.source, runtime_env=env, keep_failures=True).materialize()
+    # every model's pass derives from this dataset, so it carries their context (a dataset keeps its own)
+    with data_context(wait_for_min_actors_s=plan.cfg.compute.wait_for_actors_s or -1):
+        images = image_dataset(plan.cfg.data, plan.source, runtime_env=env, keep_failures=True).materialize()
     stats = {"images": images.count(), "reads": int(images.sum("reads") or 0),
              "undecodable": images.filter(lambda row: bool(row["error"])).count()}
     print(f"[experiment] read and decoded {stats['images']} images once for every model in "
