@@ -156,6 +156,23 @@ def _version(pkg: str) -> str:
         return "-"
 
 
+def add_timing_args(parser, out: str, *, repeat: int = 3, warmup: int = 1) -> None:
+    """The options every micro-benchmark takes: --repeat, --warmup, --threads, --seed, --out."""
+    parser.add_argument("--repeat", type=int, default=repeat)
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=out)
+
+
+def start_torch(args) -> torch.device:
+    """Apply ``--threads`` and ``--seed`` of :func:`add_timing_args`; the device of ``--device``."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    return torch.device(args.device)
+
+
 def machine_info(device: torch.device | str = "cpu", precision: str = "float32",
                  batch_size: int | None = None) -> dict[str, Any]:
     """Where and how a benchmark ran; written on every CSV row."""

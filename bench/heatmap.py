@@ -20,7 +20,7 @@ from bagnet.imagenet import to_model_input
 from bagnet.synthetic import SyntheticWorld
 from bagnet.heatmap import DEFAULT_MAX_PIXELS, heatmap, reference_heatmap
 from bagnet.models import create_model
-from bench.harness import Table, machine_info, measure
+from bench.harness import Table, add_timing_args, machine_info, measure, start_torch
 
 COLUMNS = ["method", "height", "width", "patches_run", "seconds_run", "s_per_image", "speedup",
            "cpu_s_per_image", "cpu_speedup",
@@ -42,20 +42,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample", type=int, default=512, help="pixels the reference evaluates")
     p.add_argument("--batch-size", type=int, default=256, help="patches per reference forward")
     p.add_argument("--target", type=int, default=0, help="target class")
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench/out/heatmap.csv")
+    add_timing_args(p, "bench/out/heatmap.csv")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> Table:
     a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    device = torch.device(a.device)
+    device = start_torch(a)
     dtype = getattr(torch, a.precision)
     h, w = a.size
     model = create_model(a.model, a.num_classes, weights=a.weights).eval().to(device, dtype)

@@ -20,7 +20,7 @@ import torch
 
 from bagnet.models import create_model
 from bagnet.patch_defense import DEFENSES, Geometry, certify
-from bench.harness import Table, machine_info, measure
+from bench.harness import Table, add_timing_args, machine_info, measure, start_torch
 
 COLUMNS = ["method", "model", "size", "patch_px", "window", "batch_size", "seconds", "images_per_s",
            "cost_vs_forward", "cpu_cost_vs_forward", "peak_cpu_mb", "peak_gpu_mb"]
@@ -36,20 +36,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--patch", type=int, default=32, help="patch side p (px)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="bench/out/patch_certify.csv")
+    add_timing_args(p, "bench/out/patch_certify.csv")
     return p.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> Table:
     a = parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    torch.manual_seed(a.seed)
-    device = torch.device(a.device)
+    device = start_torch(a)
     model = create_model(a.model, a.num_classes, weights=a.weights).eval().to(device)
     x = torch.randn(a.batch_size, 3, a.size, a.size, device=device)
     geometry = Geometry(model.q, model.stride, model.offset, model.patch_grid(a.size, a.size))

@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 import yaml
 
 from store import storage
-from store.results import CONFIG_FILE, MARKER, METRICS_FILE, MODEL_FILE, MarkerError, marker_problem, read_marker
+from store.results import (CONFIG_FILE, MARKER, METRICS_FILE, MODEL_FILE, MarkerError, marker_problem, read_marker,
+                           read_marker_file)
 from store.schemas import TUNE_FILE, TUNE_TABLE
 
 
@@ -101,14 +102,9 @@ class Catalog:
 
 
 def read_manifest(path: str) -> dict[str, Any]:
-    """The JSON object in the marker file at ``path``; ValueError naming the file otherwise."""
-    try:
-        data = storage.read_json(path)
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not a JSON manifest ({err})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return data
+    """The run manifest in the marker file at ``path``; :class:`MarkerError` (a ValueError)
+    naming the file when it is not a JSON object."""
+    return read_marker_file(path)
 
 
 def table_location(folder: str) -> tuple[str, str] | None:

@@ -268,8 +268,12 @@ def read_marker(path: str) -> dict[str, Any] | None:
     """The marker of the part (or run) at ``path``, or None when it is unfinished; a marker
     that is not a JSON object raises :class:`MarkerError` naming the file."""
     marker = storage.join(path, MARKER)
-    if not storage.exists(marker):
-        return None
+    return read_marker_file(marker) if storage.exists(marker) else None
+
+
+def read_marker_file(marker: str) -> dict[str, Any]:
+    """The JSON object in the marker (or manifest) file ``marker``; :class:`MarkerError` naming
+    the file when it is not one."""
     try:
         data = storage.read_json(marker)
     except (ValueError, UnicodeDecodeError) as err:
@@ -393,7 +397,7 @@ def utc_now() -> dt.datetime:
 
 __all__ = [
     "MARKER", "CONFIG_FILE", "COMMON_SCHEMA", "PARTITION_KEYS", "code_version", "part_dir",
-    "SchemaError", "table_schema", "rows_to_table", "PartWriter", "read_marker", "discard", "completed_parts", "write_manifest",
+    "SchemaError", "table_schema", "rows_to_table", "PartWriter", "read_marker", "read_marker_file", "discard", "completed_parts", "write_manifest",
     "encode_parquet", "file_check", "write_part_file", "commit_part", "MarkerError", "marker_problem", "verify_part",
     "withdraw_manifest", "FAILURES_TABLE", "FAILURES_SCHEMA",
     "rows_per_table", "now_iso", "utc_now", "first_difference", "RerunMismatch", "check_fingerprint",

@@ -112,6 +112,16 @@ def max_in_boxes(attribution: Tensor, mask: Tensor) -> bool:
 # Attribution maps (N, H, W) for the labels
 
 
+def forward_with_hooks(model: nn.Module, example: Tensor, hooks: list) -> None:
+    """One gradient-free forward pass of ``example`` with ``hooks`` registered, removed after it."""
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def gradcam_layer(model: nn.Module, example: Tensor) -> tuple[str, nn.Module] | None:
     """Grad-CAM's layer: the module whose feature map (a 4-D output larger than 1 x 1) a forward
     pass of ``example`` completes last, i.e. the last spatial features before pooling (for a
@@ -127,13 +137,7 @@ def gradcam_layer(model: nn.Module, example: Tensor) -> tuple[str, nn.Module] | 
                 done.append(name)
         return hook
 
-    hooks = [m.register_forward_hook(record(name)) for name, m in modules.items() if name]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    forward_with_hooks(model, example, [m.register_forward_hook(record(name)) for name, m in modules.items() if name])
     return (done[-1], modules[done[-1]]) if done else None
 
 
@@ -159,14 +163,8 @@ def unshared_relus(model: nn.Module, example: Tensor) -> Iterator[nn.Module]:
     replaced by a :class:`_ReluCallSites` inside the block, and restored after it (in place: a
     copy would also copy the hooks others hold on the model)."""
     calls: Counter[str] = Counter()
-    hooks = [m.register_forward_pre_hook(lambda _m, _a, name=name: calls.update([name]))
-             for name, m in model.named_modules() if isinstance(m, nn.ReLU)]
-    try:
-        with torch.no_grad():
-            model(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    forward_with_hooks(model, example, [m.register_forward_pre_hook(lambda _m, _a, name=name: calls.update([name]))
+                                        for name, m in model.named_modules() if isinstance(m, nn.ReLU)])
     originals = {name: model.get_submodule(name) for name, count in calls.items() if count > 1}
     try:
         for name in originals:
