@@ -136,10 +136,10 @@ class Builder:
         parts = [f"{t}: run {self.used[t].run.name}" for t in tables if t in self.used]
         return ("from " + "; ".join(parts)) if parts else ""
 
-    def figure(self, name: str, files: dict[str, bytes] | bytes, caption: str) -> Figure:
-        """Write ``figures/<name>.<ext>`` for each of ``files`` (``png``, and ``svg`` beside it; PNG
-        bytes alone are written as the PNG); the report shows the PNG."""
-        for ext, data in (files.items() if isinstance(files, dict) else [("png", files)]):
+    def figure(self, name: str, files: dict[str, bytes], caption: str) -> Figure:
+        """Write ``figures/<name>.<ext>`` for each of ``files`` (``png``, and ``svg`` beside it,
+        as :func:`bagnet.plots.figure_files` renders them); the report shows the PNG."""
+        for ext, data in files.items():
             storage.write_bytes_atomic(storage.join(self.out, "figures", f"{name}.{ext}"), data)
         return Figure(caption, f"figures/{name}.png")
 

@@ -18,7 +18,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from bagnet.plots import figure_files, figure_png  # noqa: E402
+from bagnet.plots import figure_files  # noqa: E402
 
 DPI = 150
 STYLE = {"font.size": 9, "axes.titlesize": 9.5, "axes.labelsize": 9, "legend.fontsize": 8.5,
@@ -29,14 +29,9 @@ Rendered = dict[str, bytes]  # file extension -> bytes
 WRAP = 3  # panels per row of small multiples of one value (fits a printed page)
 
 
-def _render(fig) -> Rendered:
+def render(fig) -> Rendered:
     """A report chart as PNG (at :data:`DPI`) and SVG bytes."""
     return figure_files(fig, dpi=DPI, tight=True)
-
-
-def _chart_png(fig) -> bytes:
-    """A report chart as PNG bytes alone (at :data:`DPI`)."""
-    return figure_png(fig, dpi=DPI, tight=True)
 
 
 def model_colors(models: Sequence[str]) -> dict[str, tuple]:
@@ -94,7 +89,7 @@ def accuracy_figure(acc: pd.DataFrame, models: Sequence[str], metrics: Sequence[
                 handles.append(Line2D([], [], marker="o", color=colors[m], ls="")), labels.append(m)
         fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
         fig.tight_layout()
-        return _render(fig)
+        return render(fig)
 
 
 def curves_figure(curves: pd.DataFrame, models: Sequence[str]) -> Rendered:
@@ -111,7 +106,7 @@ def curves_figure(curves: pd.DataFrame, models: Sequence[str]) -> Rendered:
         shown = [m for m in models if m in set(curves["model"])]
         ax.legend(handles=[Line2D([], [], color=colors[m], marker=".", label=m) for m in shown],
                   loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
-        return _render(fig)
+        return render(fig)
 
 
 def _guide(ax, x: float, label: str, color) -> None:
@@ -165,7 +160,7 @@ def lines_figure(df: pd.DataFrame, x: str, panels: Sequence[tuple[str, str]], mo
         if title:
             fig.suptitle(title)
         fig.tight_layout()
-        return _render(fig)
+        return render(fig)
 
 
 def small_multiples_figure(df: pd.DataFrame, x: str, panels: Sequence[tuple[str, str]], models: Sequence[str],
@@ -207,7 +202,7 @@ def small_multiples_figure(df: pd.DataFrame, x: str, panels: Sequence[tuple[str,
         fig.legend(handles=handles, title=style_label or style, loc="lower center", ncol=min(len(styles), 6),
                    bbox_to_anchor=(0.5, 0.0), frameon=False)
         fig.tight_layout(rect=(0, 0.12 / grid_rows ** 0.5, 1, 1))
-        return _render(fig)
+        return render(fig)
 
 
 def matrices_figure(matrices: Sequence[tuple[str, pd.DataFrame]], vmin: float = -1.0, vmax: float = 1.0) -> Rendered:
@@ -226,7 +221,7 @@ def matrices_figure(matrices: Sequence[tuple[str, pd.DataFrame]], vmin: float = 
             ax.set_title(title)
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
         fig.tight_layout()
-        return _render(fig)
+        return render(fig)
 
 
 def kappa_intervals_figure(pairs: pd.DataFrame) -> Rendered:
@@ -244,4 +239,4 @@ def kappa_intervals_figure(pairs: pd.DataFrame) -> Rendered:
         ax.set(xlabel="error consistency (kappa) with bootstrap 95 % interval", ylim=(-0.7, len(rows) - 0.3))
         ax.grid(alpha=0.3, axis="x")
         fig.tight_layout()
-        return _render(fig)
+        return render(fig)

@@ -322,3 +322,16 @@ class LocalCluster:
         """The job working directories unpacked on ``node`` (the head runs the job drivers)."""
         found = self.nodes[node].temp_dir.glob("session_latest/runtime_resources/working_dir_files/_ray_pkg_*")
         return sorted(p for p in found if p.is_dir())
+
+
+def second_driver_env(ray_session) -> dict:
+    """Environment for a job CLI (`python jobs/tune.py`, ...) as a second driver on the session's Ray instance.
+
+    Its job's actors get ``RAY_ADDRESS`` too: Ray Train's placement-group cleaner (which frees the
+    workers of a trial that Tune stopped) otherwise fails when another Ray instance runs on the
+    same host ("Found multiple active Ray instances"), as on a shared CI machine. Running a
+    job as its own driver also frees anything it leaves behind (actors, pending pools) when it ends.
+    """
+    address = ray_session.get_runtime_context().gcs_address
+    job_config = {"runtime_env": {"env_vars": {"RAY_ADDRESS": address}}}
+    return {**os.environ, "RAY_ADDRESS": address, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job_config)}

@@ -4,6 +4,8 @@ resume, an experiment module added from outside the package; the registry and pr
 import io
 import json
 import os
+import re
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -31,9 +33,11 @@ from cluster.configs import ExperimentJobConfig, ModelConfig
 from jobs import experiment as job
 from jobs import train
 from store import results, storage
+from tests.cluster_utils import second_driver_env
 from tests.fixtures_s3 import storage_options
 
 N_IMAGES = 32
+ROOT = Path(__file__).resolve().parents[1]
 # Small parameters for the experiments that have them (any other experiment runs with its defaults).
 TINY_PARAMS = {
     "heatmaps": "{resolution: coarse}",
@@ -572,10 +576,16 @@ def test_an_aligned_model_is_evaluated_as_trained(ray_session, tmp_path):
 
 
 def test_a_model_pool_the_cluster_cannot_place_fails_naming_its_resources(ray_session, tmp_path):
-    """With compute.wait_for_actors_s the job stops instead of waiting forever for resources."""
-    with pytest.raises(SystemExit, match=r"compute.wait_for_actors_s: the 1 replica\(s\) of bagnet9_small "
-                                         r"\(each num_cpus=64.0, num_gpus=0, memory_gb=1.0\) did not start within 2 s"):
-        run_job(tmp_path, "compute.num_cpus=64", "compute.wait_for_actors_s=2", models="[{name: bagnet9_small}]")
+    """With compute.wait_for_actors_s the job stops (exit 1) instead of waiting forever for
+    resources. It runs as its own driver, as a submitted job does: when it exits, Ray drops the
+    pool's pending actor (in this process it would stay pending for the session's later tests)."""
+    done = subprocess.run([sys.executable, "jobs/experiment.py", "--experiment", "predictions", f"output={tmp_path}",
+                           "run_id=t", f"data.test_size={N_IMAGES}", "models=[{name: bagnet9_small}]",
+                           "compute.num_cpus=64", "compute.wait_for_actors_s=2"],
+                          cwd=ROOT, env=second_driver_env(ray_session), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert re.search(r"compute.wait_for_actors_s: the 1 replica\(s\) of bagnet9_small \(each num_cpus=64.0, "
+                     r"num_gpus=0, memory_gb=1.0\) did not start within 2 s", done.stderr), done.stderr[-2000:]
     assert not list(tmp_path.rglob("_SUCCESS")) and not list(tmp_path.rglob("*.parquet"))
     # the shared Ray instance is free again: the same job with a pool that fits completes
     assert run_job(tmp_path, "data.test_size=8", "compute.batch_size=8",

@@ -120,10 +120,13 @@ def test_print_config_prints_the_resolved_yaml_without_ray(no_ray, capsys, job):
     rooted = {"train": lambda d: d["run"]["storage_path"], "tune": lambda d: d["tune"]["storage_path"],
               "experiment": lambda d: d["output"], "reproduce": lambda d: d["train"]["storage_path"]}[job](first)
     assert rooted.startswith("s3://our-bucket/bagnet/results/")
-    if job == "reproduce":  # then each training run's config and the experiment config, as they will run
-        assert [d["model"]["name"] for d in docs[1:-1]] == reproduce.load_config(
-            reproduce.ReproduceConfig, reproduce.DEFAULT_CONFIG).train.models
-        assert docs[-1]["output"].startswith("s3://our-bucket/bagnet/results/")
+    if job == "reproduce":  # then each training run's config (per model and seed) and each seed's experiment config
+        stage = reproduce.load_config(reproduce.ReproduceConfig, reproduce.DEFAULT_CONFIG).train
+        runs = [d for d in docs[1:] if "model" in d]
+        assert [d["run"]["name"] for d in runs] == [stage.run_name(m, s) for m in stage.models for s in stage.seeds]
+        experiments = docs[1 + len(runs):]
+        assert len(experiments) == len(stage.seeds)
+        assert all(d["output"].startswith("s3://our-bucket/bagnet/results/") for d in experiments)
 
 
 def test_print_config_still_validates(no_ray):

@@ -71,14 +71,15 @@ def test_sections_present_with_figures(built):
     for title in ("Accuracy by model and patch size q", "Patch shuffling", "Interactions between image parts",
                   "Masking the most informative regions", "Error consistency", "Heatmaps and the most informative patches",
                   "The runs behind this report", "Which explanation points at the evidence",
-                  "Cue conflict: motifs or arrangement?"):
+                  "Cue conflict: motifs or arrangement?", "Certified robustness to adversarial patches"):
         assert f"## {title}" in md and f"<h2>{title}</h2>" in html
     assert "missing:" not in md
     images = re.findall(r'<img src="([^"]+)"', html)
     assert {"figures/accuracy.png", "figures/training_curves.png", "figures/shuffle.png", "figures/interaction.png",
             "figures/masking.png", "figures/consistency.png", "figures/consistency_intervals.png",
             "figures/heatmap_gallery.png", "figures/patches_bagnet9_small.png",
-            "figures/patches_bagnet33_small.png", "figures/localization.png", "figures/cue_conflict.png"} == set(images)
+            "figures/patches_bagnet33_small.png", "figures/localization.png", "figures/cue_conflict.png",
+            "figures/patch_robustness.png"} == set(images)
     for src in images:
         png = (built["index"].parent / src).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 400_000, src
@@ -171,7 +172,8 @@ def test_heatmap_peaks(built):
 
 def test_runs_section_and_partial_run_not_used(built):
     runs = find(md_tables(built["md"]), "Result runs found")
-    assert cell(runs, "used for", run="run-new") == "predictions, localization, cue_conflict, heatmaps, interaction, masking, shuffle"
+    assert cell(runs, "used for", run="run-new") == ("predictions, localization, cue_conflict, heatmaps, interaction, "
+                                                     "masking, patch_robustness, shuffle")
     assert cell(runs, "complete", run="run-partial") == "no"
     assert cell(runs, "used for", run="run-partial") == "–"
     assert cell(runs, "used for", run="run-old") == "–"  # older than run-new

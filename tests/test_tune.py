@@ -27,6 +27,7 @@ from cluster import sweep as sweeps
 from cluster.configs import TrainJobConfig
 from jobs import tune
 from store.schemas import TUNE_SCHEMA, read_tune_metadata
+from tests.cluster_utils import second_driver_env
 
 ROOT = Path(__file__).resolve().parents[1]
 LRS = [0.4, 1e-5, 0.3, 2e-5]  # two learn, two barely move: ASHA stops the latter at the first rung
@@ -53,19 +54,6 @@ def trial_dirs(sweep_dir: Path) -> list[Path]:
     return sorted(p for p in sweep_dir.glob("run_trial_*") if p.is_dir())
 
 
-def cli_env(ray_session) -> dict:
-    """Environment for `python jobs/tune.py` as a second driver on the session's Ray instance.
-
-    Its job's actors get ``RAY_ADDRESS`` too: Ray Train's placement-group cleaner (which frees the
-    workers of a trial that Tune stopped) otherwise fails when another Ray instance runs on the
-    same host ("Found multiple active Ray instances"), as on a shared CI machine. Running the
-    sweep as its own job also frees anything it leaves behind when that job ends.
-    """
-    address = ray_session.get_runtime_context().gcs_address
-    job_config = {"runtime_env": {"env_vars": {"RAY_ADDRESS": address}}}
-    return {**os.environ, "RAY_ADDRESS": address, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job_config)}
-
-
 def start_cli(config: Path, env: dict, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(ROOT / "jobs" / "tune.py"), "--config", str(config)], cwd=ROOT,
                             env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -76,7 +64,7 @@ def sweep(ray_session, tmp_path_factory):
     """Run the sweep, interrupt it (SIGINT) once trial 2 reports, run the same command again."""
     tmp = tmp_path_factory.mktemp("tune")
     config = write_sweep(tmp, {"optim.lr": {"grid": LRS}})
-    sweep_dir, env = tmp / "results" / "sweep", cli_env(ray_session)
+    sweep_dir, env = tmp / "results" / "sweep", second_driver_env(ray_session)
     first = start_cli(config, env, tmp / "interrupted.log")
     deadline = time.monotonic() + 1200
     while sum(bool(result_lines(d)) for d in trial_dirs(sweep_dir)) < 2:

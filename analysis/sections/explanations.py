@@ -11,7 +11,6 @@ from analysis import figures
 from analysis.builder import Builder, in_model_order, model_order, q_text
 from analysis.html import Section, Table
 from bagnet.experiments import cue_conflict, localization
-from bagnet.plots import figure_png
 
 DECISION_COLORS = {"arrangement": "tab:blue", "motif": "tab:orange", "other": "0.75"}
 
@@ -47,7 +46,7 @@ def localization_section(builder: Builder) -> Section:
     return sec
 
 
-def decisions_figure(shares: pd.DataFrame) -> bytes:
+def decisions_figure(shares: pd.DataFrame) -> figures.Rendered:
     """Stacked horizontal bars: per model the share of decisions following each cue."""
     fig, ax = plt.subplots(figsize=(6.4, 0.45 * len(shares) + 1.2))
     left = pd.Series(0.0, index=shares.index)
@@ -59,7 +58,7 @@ def decisions_figure(shares: pd.DataFrame) -> bytes:
     ax.set_xlabel("share of cue-conflict decisions")
     ax.legend(ncol=3, loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False, fontsize=8)
     fig.tight_layout()
-    return figure_png(fig, dpi=figures.DPI, tight=True)
+    return figures.render(fig)
 
 
 def cue_conflict_section(builder: Builder) -> Section:

@@ -61,14 +61,14 @@ def section(builder: Builder, name: str, table: str, summary: Summary) -> Sectio
     qs = df.drop_duplicates("model").set_index("model")["q"].dropna().to_dict() if summary.mark_q else {}
     if style:
         guides = {m: (q - 1, f"q−1={int(q - 1)}") for m, q in qs.items()}
-        png = figures.small_multiples_figure(means, summary.x, panels, order, style, xlabel=summary.x_label,
-                                             guides=guides, log2_x=summary.log2_x, style_label=style.replace("_", " "))
+        files = figures.small_multiples_figure(means, summary.x, panels, order, style, xlabel=summary.x_label,
+                                               guides=guides, log2_x=summary.log2_x, style_label=style.replace("_", " "))
     else:
-        png = figures.lines_figure(means, summary.x, panels, order, xlabel=summary.x_label,
-                                   guides={m: (q - 1, f"q−1={int(q - 1)}") for m, q in qs.items()},
-                                   guide_label="q − 1: zero bound of the BagNet",
-                                   log2_x=summary.log2_x)
-    sec.blocks.append(builder.figure(name, png, caption))
+        files = figures.lines_figure(means, summary.x, panels, order, xlabel=summary.x_label,
+                                     guides={m: (q - 1, f"q−1={int(q - 1)}") for m, q in qs.items()},
+                                     guide_label="q − 1: zero bound of the BagNet",
+                                     log2_x=summary.log2_x)
+    sec.blocks.append(builder.figure(name, files, caption))
     low, high = int(means["rows"].min()), int(means["rows"].max())
     count = f"{low}" if low == high else f"{low}–{high}"
     for value, label in panels:
