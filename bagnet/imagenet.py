@@ -29,7 +29,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png")
 class ImageFolderIndex:
     """Index of ``root/<split>/<class>/<image>`` with ``.classes`` (sorted folder names),
     ``.class_to_idx`` and ``.samples`` (list of ``(path, label)``; ``path`` keeps ``root``'s
-    protocol, so ``store.storage.read_bytes`` opens it) and ``.sizes`` (bytes per sample path). Files whose extension is not .jpeg/.jpg/.png
+    protocol, so ``store.storage.read_bytes`` opens it). Files whose extension is not .jpeg/.jpg/.png
     (any case) are ignored; files may sit in sub-folders of a class folder."""
 
     def __init__(self, root: str, split: str) -> None:
@@ -45,12 +45,10 @@ class ImageFolderIndex:
         split_dir = storage.resolve(self.path)
         counts = dict.fromkeys(self.classes, 0)
         self.samples: list[tuple[str, int]] = []
-        self.sizes: dict[str, int] = {}  # bytes of each sample's file (for the index's digest)
-        for p, size in storage.walk_file_sizes(self.path):
+        for p in storage.walk_files(self.path):
             cls, sep, _ = p[len(split_dir):].lstrip("/").partition("/")
             if sep and cls in self.class_to_idx and p.lower().endswith(IMAGE_EXTENSIONS):
                 self.samples.append((p, self.class_to_idx[cls]))
-                self.sizes[p] = size
                 counts[cls] += 1
         self.samples.sort(key=lambda s: (s[1], s[0]))  # by class, then path (as torchvision)
         if empty := [c for c, n in counts.items() if n == 0]:

@@ -39,7 +39,7 @@ from bagnet.imagenet import to_model_input
 from bagnet.models import create_model, model_q
 from bagnet.synthetic import SyntheticWorld
 from cluster.configs import ExperimentJobConfig, ModelConfig, looks_like_path
-from cluster.images import ImageReadError, ImageSource, describe, image_dataset
+from cluster.images import ImageReadError, ImageSource, describe, failed_rows, image_dataset
 from cluster.ray_env import data_context, init_ray
 from cluster.runtime_env import forwarded_env
 from store import results, storage
@@ -267,7 +267,7 @@ class ModelActor:
                            for start in range(0, table.num_rows, per_file)])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        failed = np.asarray([bool(e) for e in batch["error"]])
+        failed = failed_rows(batch)
         ok = ~failed
         images = to_model_input(np.ascontiguousarray(batch["image"][ok]), self.device)
         labels = torch.as_tensor(np.asarray(batch["label"], np.int64)[ok], device=self.device)

@@ -230,10 +230,15 @@ def check_same_classes(train: ImageSource, val: ImageSource, root: str | None) -
 SKIPPED_PREFIX = "_skipped-"  # a training run's records of the images it skipped (one file per batch)
 
 
+def failed_rows(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """Boolean mask of a ``keep_failures`` batch's undecodable images (``error`` set)."""
+    return np.asarray([bool(e) for e in batch["error"]], dtype=bool)
+
+
 def _drop_failures(batch: dict[str, np.ndarray], *, record_to: str | None) -> dict[str, np.ndarray]:
     """Training's images without the undecodable ones, each logged and, with ``record_to`` (a
     training run folder), written there as ``_skipped-*.parquet`` (path, image_id, label, error)."""
-    failed = np.asarray([bool(e) for e in batch["error"]], dtype=bool)
+    failed = failed_rows(batch)
     if failed.any():
         rows = {k: batch[k][failed].tolist() for k in ("path", "image_id", "label", "error")}
         for path, error in zip(rows["path"], rows["error"]):
