@@ -290,6 +290,28 @@ class EpochReport(TuneReportCallback):
         super().after_report(run_context, [first, *metrics[1:]], checkpoint)
 
 
+class FreeEndedTrials(ray.tune.Callback):
+    """Frees the placement group of each ended trial's Train run that is still held
+    ``grace_s`` seconds after the trial ended (see :func:`cluster.training.release_placement_group`)."""
+
+    def __init__(self, sweep_dir: str, grace_s: float = 20.0) -> None:
+        self.sweep_dir, self.grace_s = sweep_dir, grace_s
+        self.ended: dict[str, float] = {}  # trial id -> when it ended
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        self.ended[trial.trial_id] = time.monotonic()
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self.ended[trial.trial_id] = time.monotonic()
+
+    def on_step_begin(self, iteration, trials, **info) -> None:
+        now = time.monotonic()
+        for trial_id in [t for t, ended in self.ended.items() if now - ended >= self.grace_s]:
+            del self.ended[trial_id]
+            if training.release_placement_group(storage.join(train_root(self.sweep_dir), trial_id)):
+                print(f"[tune] freed the placement group trial {trial_id} left behind", flush=True)
+
+
 def train_root(sweep_dir: str) -> str:
     """Where the trials' Train runs live: ``<sweep>/train/<trial_id>/``."""
     return storage.join(sweep_dir, "train")
@@ -318,7 +340,8 @@ class LastEpochASHA(ASHAScheduler):
     """ASHA on ``epochs_done`` that never stops a trial at its last epoch.
 
     Tune stops a trial by ending its driver actor, which takes the Train controller with it before
-    it can release its workers' placement group (Train's detached cleaner frees it later). A trial
+    it can release its workers' placement group (Train's detached cleaner frees it later, and
+    :class:`FreeEndedTrials` if that cleaner has not). A trial
     at its last epoch ends by itself a moment later, so stopping it there would only lose that
     clean exit. Reads ``ASHAScheduler._max_t``, private in Ray 2.60 (see constraints.txt).
     """
@@ -392,7 +415,7 @@ def make_tuner(sweep: Sweep) -> ray.tune.Tuner:
             metric=tc.metric, mode=tc.mode, scheduler=scheduler, num_samples=tc.num_samples,
             search_alg=BasicVariantGenerator(random_state=tc.seed, max_concurrent=tc.max_concurrent_trials)),
         run_config=ray.tune.RunConfig(
-            name=sweep.name, **location, callbacks=[TBXLoggerCallback()], verbose=tc.verbose,
+            name=sweep.name, **location, callbacks=[TBXLoggerCallback(), FreeEndedTrials(sweep.dir)], verbose=tc.verbose,
             failure_config=ray.tune.FailureConfig(max_failures=tc.max_failures)),
     )
 

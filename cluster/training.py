@@ -35,6 +35,7 @@ import ray.train.torch
 import torch
 import yaml
 from ray.train.torch import TorchTrainer
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams
 
@@ -50,6 +51,7 @@ from store.results import CONFIG_FILE, METRICS_FILE, MODEL_FILE, RerunMismatch, 
 
 STATE_FILE = "state.pt"  # inside each checkpoint directory
 CHECKPOINT_PREFIX = "epoch_"
+PLACEMENT_GROUP_FILE = "_placement_group"  # the id of the run's worker placement group (hex)
 # Data keys that decide how images are made in parallel, or a split training never reads: a rerun
 # may change them.
 DATA_KEYS_OUTSIDE_RESULT = ("read_batch_size", "num_cpus", "test_size")
@@ -281,6 +283,8 @@ def train_loop(loop_config: dict[str, TrainTask]) -> None:
     if cfg.optim.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)
+    if rank == 0:
+        record_placement_group(task.run_dir)
     bare = getattr(model, "module", model)
     device = ray.train.torch.get_device()
     global_batch = cfg.optim.batch_size * world * cfg.optim.grad_accum
@@ -327,6 +331,14 @@ def train_loop(loop_config: dict[str, TrainTask]) -> None:
                 f"({row['images_per_s']:.0f} img/s, {timing['epoch_seconds']:.1f} s)")
 
 
+def record_placement_group(run_dir: str) -> None:
+    """Write the id of the worker group's placement group to ``<run_dir>/_placement_group``, so
+    whoever ends the run's controller ungracefully can free it (:func:`release_placement_group`)."""
+    group = ray.util.get_current_placement_group()
+    if group is not None:
+        storage.write_text_atomic(storage.join(run_dir, PLACEMENT_GROUP_FILE), group.id.hex())
+
+
 # ---------------------------------------------------------------------------------------------
 # the driver side
 
@@ -353,6 +365,24 @@ def build_trainer(cfg: TrainJobConfig, name: str, storage_path: str, data: Train
         datasets={"train": data.train, "val": data.val},
         dataset_config=ordered_ingest(),
     )
+
+
+def release_placement_group(run_dir: str) -> bool:
+    """Remove the placement group that run ``run_dir`` recorded if it still holds resources.
+
+    A run whose controller was ended from outside (Tune stopping a trial) leaves its workers'
+    placement group to Train's detached cleaner, which polls the dashboard and so may lag or, with
+    the dashboard unreachable, never free it: the next trial then waits for resources forever.
+    True when a group was removed here.
+    """
+    path = storage.join(run_dir, PLACEMENT_GROUP_FILE)
+    if not storage.exists(path):
+        return False
+    group = PlacementGroup(ray.PlacementGroupID(bytes.fromhex(storage.read_bytes(path).decode().strip())))
+    if ray.util.placement_group_table(group).get("state", "REMOVED") == "REMOVED":
+        return False
+    remove_placement_group(group)
+    return True
 
 
 def export_model(checkpoint: ray.train.Checkpoint, path: str) -> None:

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -24,6 +25,7 @@ import yaml
 from bagnet.config import ConfigError, load_config
 from bagnet.models import create_model
 from cluster import sweep as sweeps
+from cluster import training
 from cluster.configs import TrainJobConfig
 from jobs import tune
 from store.schemas import TUNE_SCHEMA, read_tune_metadata
@@ -78,7 +80,15 @@ def sweep(ray_session, tmp_path_factory):
         first.wait()
     before = {d.name: d.joinpath("result.json").read_bytes() for d in trial_dirs(sweep_dir) if result_lines(d)}
     second = start_cli(config, env, tmp / "resumed.log")
-    assert second.wait(timeout=1800) == 0, (tmp / "resumed.log").read_text()[-3000:]
+    try:
+        second.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        held = ray_session.available_resources(), ray_session.util.placement_group_table()
+        os.killpg(second.pid, signal.SIGKILL)
+        pytest.fail(f"the resumed sweep did not end in 900 s; available {held[0]}; placement groups "
+                    f"{[(g['state'], g['bundles']) for g in held[1].values()]}\n"
+                    f"{(tmp / 'resumed.log').read_text()[-3000:]}")
+    assert second.returncode == 0, (tmp / "resumed.log").read_text()[-3000:]
     best_dir = sweep_dir / "best"
     return {"dir": sweep_dir, "before": before, "returncode": first.returncode, "config": config,
             "log": (tmp / "interrupted.log").read_text(errors="replace"),
@@ -167,6 +177,28 @@ def test_best_model_is_exported_like_a_training_run(sweep):
 def test_changed_sweep_does_not_resume(sweep):
     with pytest.raises(ConfigError, match=r"search_space\.optim\.lr\.grid: \[0\.4, .* before, \[0\.1, 0\.2\] now.*set tune\.name"):
         sweeps.check_resumable(sweeps.load_sweep(sweep["config"], ["search_space.optim.lr={grid: [0.1, 0.2]}"]))
+
+
+def test_an_ended_trials_placement_group_is_freed(ray_session, tmp_path):
+    """A Train run's group left held (its controller ended from outside) is removed once the trial
+    has been over for the grace time; a group already removed, or none recorded, is left alone."""
+    from ray.util.placement_group import placement_group
+
+    group = placement_group([{"CPU": 0.1}])
+    ray_session.get(group.ready(), timeout=60)
+    sweep_dir = tmp_path / "sweep"
+    run_dir = Path(sweeps.train_root(str(sweep_dir))) / "t1"
+    run_dir.mkdir(parents=True)
+    (run_dir / training.PLACEMENT_GROUP_FILE).write_text(group.id.hex())
+    callback = sweeps.FreeEndedTrials(str(sweep_dir), grace_s=0.5)
+    for trial_id in ("t1", "t2"):  # t2 recorded no group
+        callback.on_trial_complete(0, [], SimpleNamespace(trial_id=trial_id))
+    callback.on_step_begin(0, [])  # within the grace time: nothing happens
+    assert ray_session.util.placement_group_table(group)["state"] == "CREATED" and len(callback.ended) == 2
+    time.sleep(0.6)
+    callback.on_step_begin(0, [])
+    assert ray_session.util.placement_group_table(group)["state"] == "REMOVED" and not callback.ended
+    assert not training.release_placement_group(str(run_dir))  # already removed
 
 
 @pytest.mark.parametrize("space, message", [
