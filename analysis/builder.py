@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from analysis.html import Figure, Section
@@ -27,12 +28,38 @@ def log(msg: str) -> None:
 
 @dataclass
 class TableData:
-    """A table read from one run: its rows and its Arrow schema (with the file's metadata)."""
+    """A table read from one run: its rows (None when only aggregates of it are read), its Arrow
+    schema (with the file's metadata) and the rows read per experiment and model (:func:`read_counts`)."""
 
     name: str
     run: Run
-    df: pd.DataFrame
+    df: pd.DataFrame | None
     schema: pa.Schema
+    counts: pd.DataFrame
+
+    @property
+    def experiments(self) -> list[str]:
+        return sorted(self.counts["experiment"].unique()) if "experiment" in self.counts else []
+
+
+COUNT_KEYS = ("experiment", "model")  # the rows read are counted per these (the columns a table has of them)
+
+
+def read_counts(run: Run, table: str, schema: pa.Schema) -> pd.DataFrame:
+    """Per experiment and model of ``table`` in ``run`` (the columns it has of these): ``rows``,
+    ``created_min`` / ``created_max`` and the distinct ``run_ids`` and ``code_versions`` (sorted
+    lists; the latter only when the table has that column), aggregated in the Parquet scan."""
+    names = schema.names
+    aggregates = {"rows": ("count_all", None), "created_min": ("min", "created_at"),
+                  "created_max": ("max", "created_at"), "run_ids": ("distinct", "run_id")}
+    if "code_version" in names:
+        aggregates["code_versions"] = ("distinct", "code_version")
+    keys = [k for k in COUNT_KEYS if k in names]
+    counts = store_catalog.aggregate_table(run, table, keys, aggregates).to_pandas()
+    for column in ("run_ids", "code_versions"):
+        if column in counts:
+            counts[column] = [sorted(v, key=str) for v in counts[column]]
+    return counts.sort_values(keys, na_position="last").reset_index(drop=True)
 
 
 class Builder:
@@ -45,21 +72,32 @@ class Builder:
         self.used: dict[str, TableData] = {}
         self._cache: dict[str, TableData | None] = {}
 
-    def load(self, table: str, columns: list[str] | None = None) -> TableData | None:
+    def load(self, table: str, columns: list[str] | None = None, rows: bool = True) -> TableData | None:
         """``table`` from the one run :meth:`store.catalog.Catalog.select` picks (cached), or None;
-        only ``columns`` (all by default; the first call decides) are read."""
+        only ``columns`` (all by default; the first call decides) are read, and without ``rows``
+        none of its rows (a section that aggregates it in the scan, :meth:`replicate_sums`)."""
         if table not in self._cache:
             run = self.catalog.select(table, self.run_ids, self.include_incomplete)
             data = None
             if run is not None:
-                arrow = store_catalog.read_table(run, table, columns)
-                data = TableData(table, run, arrow.to_pandas(), arrow.schema)
-                log(f"{table}: {len(data.df)} rows from run {run.name}" + ("" if run.complete else " (INCOMPLETE)"))
+                data = self.read(run, table, columns, rows)
+                log(f"{table}: {data.counts['rows'].sum()} rows from run {run.name}"
+                    + ("" if run.complete else " (INCOMPLETE)") + ("" if rows else " (aggregated in the scan)"))
                 for folder, problem in self.damaged(run, table).items():
                     log(f"{table}: damaged part {shown_path(folder)} not read: {problem}")
                 self.used[table] = data
             self._cache[table] = data
         return self._cache[table]
+
+    @staticmethod
+    def read(run: Run, table: str, columns: list[str] | None = None, rows: bool = True) -> TableData:
+        """``table`` of ``run``: its rows (only ``columns``; none without ``rows``), schema and counts."""
+        if rows:
+            arrow = store_catalog.read_table(run, table, columns)
+            df, schema = arrow.to_pandas(), arrow.schema
+        else:
+            df, schema = None, store_catalog.table_dataset(run, table)[1]
+        return TableData(table, run, df, schema, read_counts(run, table, schema))
 
     def rows(self, table: str, where: pads.Expression, columns: list[str] | None = None) -> pd.DataFrame:
         """The rows of ``table`` (from the run :meth:`load` used) that match ``where``: a few rows
@@ -81,22 +119,43 @@ class Builder:
                                          pads.field("experiment").isin(experiments))
         return arrow.to_pandas()
 
-    def replicates(self, table: str) -> pd.DataFrame | None:
-        """``table``'s prepared rows with a ``replicate`` column naming the run they came from: the
-        run :meth:`load` picks, and with ``seed_runs`` (experiment runs of the same config on other
-        training seeds' weights) each of those that holds the table too."""
-        data = self.load(table)
+    def replicate_runs(self, table: str, rows: bool = True) -> list[TableData]:
+        """``table`` from the run :meth:`load` picks and, with ``seed_runs``, from each of those that
+        holds it too (with its rows or, without ``rows``, none), each remembered as used."""
+        data = self.load(table, rows=rows)
         if data is None:
-            return None
-        frames = [prepare(data.df).assign(replicate=data.run.name)]
+            return []
+        found = [data]
         for run_id in self.seed_runs:
             run = self.catalog.select(table, [run_id], self.include_incomplete)
             if run is None or run.path == data.run.path:
                 continue
-            arrow = store_catalog.read_table(run, table)
-            self.used[f"{table} [{run.name}]"] = TableData(table, run, arrow.to_pandas(), arrow.schema)
-            frames.append(prepare(self.used[f"{table} [{run.name}]"].df).assign(replicate=run.name))
-        return pd.concat(frames, ignore_index=True)
+            self.used[f"{table} [{run.name}]"] = self.read(run, table, rows=rows)
+            found.append(self.used[f"{table} [{run.name}]"])
+        return found
+
+    def replicate_sums(self, table: str, keys: list[str], values: dict[str, pc.Expression]) -> pd.DataFrame | None:
+        """Per replicate (:meth:`replicate_runs`) and group of ``keys`` with ``model``, ``weights`` and
+        ``q``: each of ``values`` (name: expression over columns, as float) as ``<name>_sum`` and
+        ``<name>_count`` (non-missing rows), and ``rows``; aggregated in the Parquet scan
+        (:func:`store.catalog.aggregate_table`), so no row of the table is held. Models prepared
+        as :func:`prepare` does; the ``replicate`` column names the run. None without the table."""
+        aggregates = {"rows": ("count_all", None)}
+        for name, expression in values.items():
+            aggregates.update({f"{name}_sum": ("sum", expression), f"{name}_count": ("count", expression)})
+        group = list(dict.fromkeys([*keys, "model", "weights", "q"]))
+        frames = [prepare(store_catalog.aggregate_table(data.run, table, group, aggregates).to_pandas())
+                  .assign(replicate=data.run.name) for data in self.replicate_runs(table, rows=False)]
+        return pd.concat(frames, ignore_index=True) if frames else None
+
+    def replicates(self, table: str) -> pd.DataFrame | None:
+        """``table``'s prepared rows with a ``replicate`` column naming the run they came from: the
+        run :meth:`load` picks, and with ``seed_runs`` (experiment runs of the same config on other
+        training seeds' weights) each of those that holds the table too."""
+        runs = self.replicate_runs(table)
+        if not runs:
+            return None
+        return pd.concat([prepare(data.df).assign(replicate=data.run.name) for data in runs], ignore_index=True)
 
     def train_runs(self) -> list[TrainRun]:
         """The training runs to use: the complete ones (all, with --include-incomplete)."""
@@ -106,22 +165,29 @@ class Builder:
                       columns: list[str] | None = None) -> tuple[Section, pd.DataFrame | None]:
         """A section built on one table (only ``columns``, all by default): it and the table's
         prepared rows, or None (marked missing); damaged parts and failed images are named."""
+        sec, data = self.section_of(title, anchor, table, columns)
+        return sec, prepare(data.df) if data is not None else None
+
+    def section_of(self, title: str, anchor: str, table: str, columns: list[str] | None = None,
+                   rows: bool = True) -> tuple[Section, TableData | None]:
+        """A section built on one table, and the table as :meth:`load` reads it (None: marked
+        missing); damaged parts and failed images are named."""
         sec = Section(title, anchor)
-        data = self.load(table, columns)
+        data = self.load(table, columns, rows)
         if data is None:
             sec.missing.append(self.missing(table))
             return sec, None
         sec.source = self.source(table)
         for folder, problem in self.damaged(data.run, table).items():
             sec.missing.append(f"damaged part {shown_path(folder)} (not read: {problem}); rerun the job to redo it")
-        if "experiment" in data.df:
-            failed = self.failures(data.run, sorted(data.df["experiment"].unique()))
+        if data.experiments:
+            failed = self.failures(data.run, data.experiments)
             if len(failed):
                 shown = ", ".join(sorted(set(failed["path"]))[:5])
                 sec.blocks.append(f"{failed['path'].nunique()} image(s) could not be decoded and are not in these "
                                   f"results (table `{FAILURES_TABLE}` of run {data.run.name}): {shown}"
                                   + (" ..." if failed["path"].nunique() > 5 else ""))
-        return sec, prepare(data.df)
+        return sec, data
 
     def missing(self, table: str) -> str:
         skipped = [r.name for r in self.catalog.runs if table in r.tables and not r.complete]

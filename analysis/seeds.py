@@ -22,11 +22,35 @@ def over_seeds(df: pd.DataFrame, keys: Sequence[str], values: Sequence[str]) -> 
     mean over its rows), ``<value>_sd`` its standard deviation over replicates (NaN with one),
     ``seeds`` the number of replicates and ``rows`` the rows per replicate (the smallest)."""
     keys = list(keys)
-    rep = df[REPLICATE] if REPLICATE in df else pd.Series("only", index=df.index)
-    data = df.assign(**{REPLICATE: rep.astype(str)})
-    per = data.groupby([*keys, REPLICATE], dropna=False, sort=True)
+    per = with_replicate(df).groupby([*keys, REPLICATE], dropna=False, sort=True)
     means = per[list(values)].mean()
     means["rows"] = per.size()
+    return across_replicates(means, keys, values)
+
+
+def over_seeds_of_sums(sums: pd.DataFrame, keys: Sequence[str], values: Sequence[str]) -> pd.DataFrame:
+    """:func:`over_seeds` from partial sums instead of rows: ``sums`` has per group (finer than or
+    equal to ``keys`` and the replicate) each value's ``<value>_sum`` and ``<value>_count`` (its
+    non-missing rows) and ``rows`` (all rows), as a grouped scan returns them
+    (:meth:`analysis.builder.Builder.replicate_sums`)."""
+    keys = list(keys)
+    per = with_replicate(sums).groupby([*keys, REPLICATE], dropna=False, sort=True)
+    totals = per[[*(f"{v}_{part}" for v in values for part in ("sum", "count")), "rows"]].sum()
+    # 0 / 0 (no value in a group): NaN, as pandas' mean of none
+    means = pd.DataFrame({v: totals[f"{v}_sum"] / totals[f"{v}_count"] for v in values})
+    means["rows"] = totals["rows"]
+    return across_replicates(means, keys, values)
+
+
+def with_replicate(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with its ``replicate`` column as text (one replicate, ``"only"``, without one)."""
+    rep = df[REPLICATE] if REPLICATE in df else pd.Series("only", index=df.index)
+    return df.assign(**{REPLICATE: rep.astype(str)})
+
+
+def across_replicates(means: pd.DataFrame, keys: list[str], values: Sequence[str]) -> pd.DataFrame:
+    """The second step of :func:`over_seeds`: ``means`` (indexed by ``keys`` and the replicate, each
+    value's mean and ``rows``) to one row per ``keys`` combination."""
     grouped = means.groupby(level=keys, dropna=False, sort=True)
     out = grouped[list(values)].mean()
     for v in values:

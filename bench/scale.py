@@ -1,13 +1,16 @@
 """The scale path, measured: driver memory and image reads of an experiment run, the report over a
-large heatmaps table, and listing a large ImageNet-layout tree (docs/performance.md).
+large heatmaps table and over a large summary table, and listing a large ImageNet-layout tree
+(docs/performance.md).
 
     # on an idle machine, a local multi-node cluster (a head and two workers, as the cluster tests):
     ray start --head --num-cpus=0 --port=6379 && ray start --address=127.0.0.1:6379 --num-cpus=8 \\
         && ray start --address=127.0.0.1:6379 --num-cpus=8
     RAY_ADDRESS=127.0.0.1:6379 python -m bench.scale --n 1000 4000 --size 224 --classes 1000 \\
-        --maps 50000 --map-size 224 --files 100000 --work /tmp/scale --csv bench/out/scale.csv
+        --maps 50000 --map-size 224 --summary-images 50000 --files 100000 --work /tmp/scale \\
+        --csv bench/out/scale.csv
     # a quick check that it works (minutes, on a busy machine):
-    python -m bench.scale --n 16 32 --size 64 --classes 4 --maps 64 --map-size 64 --files 2000 --work /tmp/scale-tiny
+    python -m bench.scale --n 16 32 --size 64 --classes 4 --maps 64 --map-size 64 --summary-images 100 --files 2000 \\
+        --work /tmp/scale-tiny
 
 Each measurement runs in a fresh subprocess (``--measure``) that prints its own peak RSS
 (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and how far the measured call raised it above the
@@ -20,6 +23,9 @@ imports' (``rss_growth_mb``) as JSON, so one measurement's memory never counts t
   the failures table;
 * ``report``: ``analysis.report`` over a results tree whose heatmaps table holds ``--maps`` maps of
   ``--map-size``\\ :sup:`2` float32 (written by a generator, not by a model): peak RSS and time;
+* ``summary report``: ``analysis.report`` over a results tree whose ``shuffle`` table holds
+  ``--summary-images`` x 7 models x 6 tiles x 3 permutations rows (the ImageNet config's shuffle
+  experiment; 6.3 M rows for 50,000 images): peak RSS and time (the section aggregates in the scan);
 * ``listing``: describing a split of ``--files`` tiny files, as a list of dicts (the listing before
   this change) and as the Arrow table the image reader now lists with one thread per class folder: time and
   peak RSS.
@@ -36,11 +42,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from analysis.report import build_report
 from bagnet.config import dump_yaml, load_config, to_dict
 from bagnet.experiments import heatmaps as heatmap_experiment
+from bagnet.experiments import shuffle as shuffle_experiment
+from bagnet.models import model_q
 from bagnet.imagenet import ImageFolderIndex
 from bagnet.synthetic import SyntheticWorld
 from bench.harness import Table, machine_info
@@ -124,6 +133,45 @@ def make_heatmaps_run(out: Path, maps: int, size: int, chunk: int = 500) -> None
                                      "rows_per_table": results.rows_per_table(results.completed_parts(run_dir))})
 
 
+SUMMARY_MODELS = ("bagnet9_small", "bagnet17_small", "bagnet33_small", "resnet_small", "vgg_small", "densenet_small",
+                  "resnet18")  # 7 models, as the ImageNet config
+SUMMARY_TILES = (8, 16, 32, 56, 112, 224)
+
+
+def make_shuffle_run(out: Path, images: int, perms: int = 3) -> None:
+    """A complete run whose ``shuffle`` table holds ``images`` x models x tiles x ``perms`` rows of
+    random values, one part per model (written as Arrow columns, one file per 1,000 images)."""
+    cfg = load_config(ExperimentJobConfig, None, [f"output={out}", "run_id=summary", "data.image_size=224",
+                                                  "models=[{name: resnet_small}]"])
+    run_dir = str(out / "summary")
+    schema = results.table_schema(shuffle_experiment.SCHEMA)
+    per_image = len(SUMMARY_TILES) * perms
+    rng = np.random.default_rng(0)
+    for model in SUMMARY_MODELS:
+        part = results.part_dir(run_dir, shuffle_experiment.TABLE, {"experiment": "shuffle", "model": model})
+        files = []
+        for start in range(0, images, 1000):
+            ids = np.arange(start, min(images, start + 1000))
+            n = len(ids) * per_image
+            logits = rng.standard_normal(n)
+            columns = {"run_id": ["summary"] * n, "q": [model_q(model)] * n, "weights": ["random"] * n,
+                       "dataset": ["imagenet"] * n, "split": ["val"] * n,
+                       "image_id": [f"val/n{i % 1000:08d}/{i:07d}.JPEG" for i in np.repeat(ids, per_image)],
+                       "label": np.repeat(ids % 1000, per_image), "seed": np.zeros(n, np.int64),
+                       "precision": ["fp32"] * n, "created_at": [results.utc_now()] * n,
+                       "code_version": [results.code_version()] * n,
+                       "tile": np.tile(np.repeat(SUMMARY_TILES, perms), len(ids)),
+                       "perm_seed": np.tile(np.arange(perms), n // perms),
+                       "correct_top1": rng.random(n) < 0.5, "correct_top5": rng.random(n) < 0.8,
+                       "label_logit": logits, "label_logit_delta": logits - 1.0}
+            files.append(results.write_part_file(part, pa.table(columns, schema=schema)))
+        results.commit_part(part, files, {"fingerprint": {}})
+    storage.write_text_atomic(storage.join(run_dir, results.CONFIG_FILE), dump_yaml(cfg))
+    results.write_manifest(run_dir, {"run_id": "summary", "complete": True, "experiments": ["shuffle"],
+                                     "config": to_dict(cfg), "created_at": results.now_iso(),
+                                     "rows_per_table": results.rows_per_table(results.completed_parts(run_dir))})
+
+
 def measure_report(results_dir: str, out: str) -> dict:
     start = time.perf_counter()
     build_report(results_dir, out)
@@ -160,6 +208,7 @@ def main(argv: list[str] | None = None) -> Table:
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--maps", type=int, default=50_000, help="heatmaps in the report's table")
     p.add_argument("--map-size", type=int, default=224)
+    p.add_argument("--summary-images", type=int, default=50_000, help="images of the summary report's shuffle table")
     p.add_argument("--files", type=int, default=100_000, help="files in the listed tree")
     p.add_argument("--work", default="/tmp/bench-scale", help="folder for the generated trees and results")
     p.add_argument("--csv", default="bench/out/scale.csv")
@@ -188,6 +237,13 @@ def main(argv: list[str] | None = None) -> Table:
         make_heatmaps_run(big, a.maps, a.map_size)
     m = run_measure("report", str(big), str(work / "report"))
     table.add(measurement="report", n=a.maps, seconds=m["seconds"], peak_rss_mb=m["peak_rss_mb"],
+              rss_growth_mb=m["rss_growth_mb"])
+    summary = work / f"summary-{a.summary_images}"
+    if not (summary / "summary" / results.MARKER).exists():
+        make_shuffle_run(summary, a.summary_images)
+    m = run_measure("report", str(summary), str(work / "summary-report"))
+    rows = a.summary_images * len(SUMMARY_MODELS) * len(SUMMARY_TILES) * 3
+    table.add(measurement="summary report", n=rows, seconds=m["seconds"], peak_rss_mb=m["peak_rss_mb"],
               rss_growth_mb=m["rss_growth_mb"])
     tree = work / f"listing-{a.files}"
     if not (tree / "val").exists():

@@ -24,6 +24,8 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.acero as acero
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -226,12 +228,9 @@ def partition_values(path: str) -> dict[str, str]:
     return dict(reversed(values.items()))
 
 
-def read_table(run: Run, table: str, columns: list[str] | None = None,
-               where: pads.Expression | None = None) -> pa.Table | None:
-    """The committed files of ``table`` in ``run`` as one Arrow table (None when there are none),
-    partition values as string columns; only ``columns`` (all by default) and the rows matching
-    ``where`` are read (pushed into the Parquet scan, so nothing else is held in memory). The
-    schema's metadata is the first file's."""
+def table_dataset(run: Run, table: str) -> tuple[pads.Dataset, pa.Schema] | None:
+    """The committed files of ``table`` in ``run`` as a lazy Arrow dataset, partition values as
+    string columns, and its schema (the metadata the first file's); None when there are none."""
     files = run.committed(table)
     if not files:
         return None
@@ -239,21 +238,66 @@ def read_table(run: Run, table: str, columns: list[str] | None = None,
     inner = [storage.pyarrow_fs(f)[1] for f in files]
     keys = list(partition_values(files[0]))
     schema = pq.read_schema(inner[0], filesystem=fs)
-    if keys:
-        schema = pa.schema([*(f for f in schema if f.name not in keys), *(pa.field(k, pa.string()) for k in keys)],
-                           metadata=schema.metadata)
-        base = inner[0]
-        for _ in keys:
-            base = posixpath.dirname(base)
-        partitioning = pads.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive")
-        dataset = pads.dataset(inner, schema=schema, filesystem=fs, partitioning=partitioning,
-                               partition_base_dir=posixpath.dirname(base))
-    else:
-        dataset = pads.dataset(inner, schema=schema, filesystem=fs)
+    if not keys:
+        return pads.dataset(inner, schema=schema, filesystem=fs), schema
+    schema = pa.schema([*(f for f in schema if f.name not in keys), *(pa.field(k, pa.string()) for k in keys)],
+                       metadata=schema.metadata)
+    base = inner[0]
+    for _ in keys:
+        base = posixpath.dirname(base)
+    partitioning = pads.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive")
+    return pads.dataset(inner, schema=schema, filesystem=fs, partitioning=partitioning,
+                        partition_base_dir=posixpath.dirname(base)), schema
+
+
+def read_table(run: Run, table: str, columns: list[str] | None = None,
+               where: pads.Expression | None = None) -> pa.Table | None:
+    """The committed files of ``table`` in ``run`` as one Arrow table (None when there are none),
+    partition values as string columns; only ``columns`` (all by default) and the rows matching
+    ``where`` are read (pushed into the Parquet scan, so nothing else is held in memory). The
+    schema's metadata is the first file's."""
+    found = table_dataset(run, table)
+    if found is None:
+        return None
+    dataset, schema = found
     try:
         return dataset.to_table(columns=columns, filter=where).replace_schema_metadata(schema.metadata)
     except (pa.ArrowInvalid, OSError) as err:
         raise ValueError(f"run {run.path}: table {table} cannot be read ({err})") from None
+
+
+Aggregate = tuple[str, "str | pc.Expression | None"]  # (Arrow aggregate function, its input: column or expression)
+
+
+def aggregate_table(run: Run, table: str, keys: list[str], aggregates: dict[str, Aggregate],
+                    where: pads.Expression | None = None) -> pa.Table | None:
+    """The committed rows of ``table`` in ``run`` grouped by ``keys``: one row per group with the
+    ``keys`` and, per ``aggregates`` entry ``name: (function, input)``, Arrow's grouped ``function``
+    (``sum``, ``count``, ``count_all`` (input None), ``mean``, ``min``, ``max``, ``distinct``, ...) of
+    ``input`` (a column name or an expression over columns, e.g. ``pc.abs(pc.field("x"))``).
+
+    One streaming scan (pyarrow.acero: scan, filter ``where``, project, aggregate): only the
+    columns the keys and inputs name are read, and only the groups are held, never the rows.
+    Groups come in no particular order; None when the table has no committed file."""
+    found = table_dataset(run, table)
+    if found is None:
+        return None
+    dataset, _ = found
+    inputs = {f"_in{i}": pc.field(source) if isinstance(source, str) else source
+              for i, (_, (_, source)) in enumerate(aggregates.items()) if source is not None}
+    projection = {**{k: pc.field(k) for k in keys}, **inputs}
+    targets = iter(inputs)
+    specs = [([] if source is None else next(targets), f"hash_{function}", None, name)
+             for name, (function, source) in aggregates.items()]
+    nodes = [acero.Declaration("scan", acero.ScanNodeOptions(dataset, columns=projection, filter=where))]
+    if where is not None:  # the scan only uses it to skip row groups
+        nodes.append(acero.Declaration("filter", acero.FilterNodeOptions(where)))
+    nodes += [acero.Declaration("project", acero.ProjectNodeOptions(list(projection.values()), list(projection))),
+              acero.Declaration("aggregate", acero.AggregateNodeOptions(specs, keys=keys))]
+    try:
+        return acero.Declaration.from_sequence(nodes).to_table()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as err:
+        raise ValueError(f"run {run.path}: table {table} cannot be aggregated ({err})") from None
 
 
 def read_yaml(path: str) -> dict[str, Any]:
@@ -276,4 +320,5 @@ def read_train_run(path: str, complete: bool) -> TrainRun:
 
 
 __all__ = ["Run", "TrainRun", "Catalog", "discover", "read_manifest", "read_yaml", "committed_files",
-           "table_location", "partition_values", "read_table", "read_train_run"]
+           "table_location", "partition_values", "table_dataset", "read_table", "Aggregate", "aggregate_table",
+           "read_train_run"]

@@ -46,11 +46,16 @@ def region() -> str | None:
     return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
 
 
+S3_REQUEST_ATTEMPTS = 3  # attempts of each S3 request in pyarrow's client (its default), before an OSError
+
+
 def pyarrow_fs(path: str) -> tuple[pafs.FileSystem, str]:
-    """``(filesystem, path_within_it)`` for a local path or an ``s3://bucket/key`` URI."""
+    """``(filesystem, path_within_it)`` for a local path or an ``s3://bucket/key`` URI. The S3
+    client retries each failed request (throttling, 5xx, dropped connections) itself,
+    ``S3_REQUEST_ATTEMPTS`` attempts in all; callers that retry whole reads do so on top of it."""
     path = resolve(path)
     if path.startswith("s3://"):
-        kwargs: dict[str, Any] = {}
+        kwargs: dict[str, Any] = {"retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=S3_REQUEST_ATTEMPTS)}
         if endpoint := endpoint_url():
             scheme, _, host = endpoint.partition("://")
             kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")

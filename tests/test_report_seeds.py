@@ -4,10 +4,17 @@ for two seeds of the same models; every number is the mean over seeds with its s
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
 import pytest
 
 from analysis import report as R
-from analysis.seeds import over_seeds, with_spread
+from analysis.builder import Builder, prepare
+from analysis.seeds import over_seeds, over_seeds_of_sums, with_spread
+from analysis.sections import summary
+from store import catalog
 from tests import make_tables as M
 from tests.test_report import cell, find, md_tables
 
@@ -68,3 +75,53 @@ def test_over_seeds_without_replicates_has_no_spread():
     out = over_seeds(df, ["model", "tile"], ["label_logit"])
     assert (out["seeds"] == 1).all() and out["label_logit_sd"].isna().all()
     assert with_spread(0.5, np.nan) == "0.500" and with_spread(0.5, 0.01) == "0.500 ± 0.010"
+
+
+def test_summaries_aggregated_in_the_scan_equal_pandas_over_the_rows(tmp_path):
+    """The summary sections aggregate in the Parquet scan (Arrow's group-by), never holding the
+    rows: the numbers equal pandas' over the rows read whole, missing values, unconstrained CNNs
+    (q null), absolute values and two seed runs included."""
+    rng = np.random.default_rng(0)
+    runs = []
+    for seed in (0, 1):
+        rows = M.interaction(models=("bagnet9_small", "resnet_small"))
+        values = rng.normal(size=len(rows))
+        values[rng.random(len(rows)) < 0.2] = np.nan  # missing: left out of a mean, counted in rows
+        runs.append(f"exp-seed{seed}")
+        M.write_run(tmp_path, runs[-1], {"interaction": rows.assign(interaction=values)})
+    builder = Builder(catalog.discover(str(tmp_path)), str(tmp_path / "out"), runs, False, seed_runs=runs)
+    keys, values = ["patch_size", "model", "distance"], ["|interaction|", "interaction"]
+    sums = builder.replicate_sums("interaction", ["patch_size", "distance"],
+                                  {v: summary.value_expression(v) for v in values})
+    assert len(builder.used) == 2 and all(data.df is None for data in builder.used.values())  # no row held
+    got = over_seeds_of_sums(sums, keys, values)
+
+    rows = pd.concat([catalog.read_table(r, "interaction").to_pandas().assign(replicate=r.name)
+                      for r in catalog.discover(str(tmp_path)).runs], ignore_index=True)
+    rows = prepare(rows).assign(**{"|interaction|": rows["interaction"].abs()})
+    want = over_seeds(rows, keys, values)
+    assert got[keys].equals(want[keys]) and got[["rows", "seeds"]].equals(want[["rows", "seeds"]])
+    for column in [*values, *(f"{v}_sd" for v in values)]:
+        np.testing.assert_allclose(got[column], want[column], rtol=1e-12)
+    assert set(got["seeds"]) == {2} and set(got["rows"]) == {4}
+
+
+def test_a_grouped_scan_equals_pandas_on_a_generated_table(tmp_path):
+    rows = M.masking()
+    rows = rows.assign(label_logit=np.where(np.arange(len(rows)) % 7 == 0, np.nan, rows["label_logit"]))
+    M.write_run(tmp_path, "run", {"masking": rows})
+    (run,) = catalog.discover(str(tmp_path)).runs
+    where = pads.field("k_masked") > 0
+    got = catalog.aggregate_table(run, "masking", ["model", "ranking"], {
+        "rows": ("count_all", None), "logit_sum": ("sum", "label_logit"), "logit_n": ("count", "label_logit"),
+        "top5": ("mean", pc.field("correct_top5").cast(pa.float64())), "k_max": ("max", "k_masked"),
+        "ids": ("distinct", "image_id")}, where).to_pandas().sort_values(["model", "ranking"], ignore_index=True)
+    read = catalog.read_table(run, "masking").to_pandas()
+    per = read[read["k_masked"] > 0].groupby(["model", "ranking"])
+    want = pd.DataFrame({"rows": per.size(), "logit_sum": per["label_logit"].sum(),
+                         "logit_n": per["label_logit"].count(), "top5": per["correct_top5"].mean(),
+                         "k_max": per["k_masked"].max()}).reset_index()
+    exact = ["model", "ranking", "rows", "logit_n", "k_max"]
+    assert got[exact].equals(want[exact])
+    np.testing.assert_allclose(got[["logit_sum", "top5"]], want[["logit_sum", "top5"]], rtol=1e-12)
+    assert [sorted(ids) for ids in got["ids"]] == [sorted(set(s)) for s in per["image_id"].apply(list)]

@@ -20,6 +20,7 @@ from bagnet.config import load_config
 from jobs import experiment as job
 from store import catalog, results, storage
 from tests import make_tables as M
+from tests.fault_proxy import FaultProxy
 
 OWN = pa.schema([("value", pa.int64())])
 COMMON = {"run_id": "r", "q": None, "weights": "random", "dataset": "synthetic", "split": "val", "seed": 0,
@@ -237,17 +238,46 @@ def test_failures_are_accounted_images_read_once_and_reported(ray_session, tmp_p
 
 
 @pytest.mark.slow
-def test_failures_on_s3(ray_session, s3_server, s3_bucket):
+def test_s3_errors_injected_through_a_proxy_are_retried_or_stop_the_job(ray_session, s3_server, s3_bucket,
+                                                                       monkeypatch):
+    """The job's Ray workers read the images over S3 through a proxy that answers GETs of chosen
+    keys with 503 SlowDown: pyarrow's client retries each request itself (S3_REQUEST_ATTEMPTS),
+    images.read_with_retry retries whole reads on top; a persistent error stops the job."""
     world = SyntheticWorld(seed=0, image_size=64)
     root, output = f"s3://{s3_bucket}/inet", f"s3://{s3_bucket}/out"
     n = world.num_classes
     materialize(world, root, split="val", n=n, ext="png")
     bad = _bad_files(root, world)
-    summary = _run(root, output, "predictions", "models=[{name: resnet_small}]", "compute.forward_env=[AWS_ENDPOINT_URL, "
-                   "AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY]")
-    assert summary["rows"] == {"predictions": n} and summary["failures"] == {"predictions/resnet_small": 2}
-    table = catalog.read_table(next(r for r in catalog.discover(output).runs), results.FAILURES_TABLE)
-    assert sorted(table["path"].to_pylist()) == sorted(bad)
+    listed = n + len(bad)
+    image = [storage.join(root, "val", world.class_names[k], f"{k:06d}.png") for k in range(3)]
+    attempts = storage.S3_REQUEST_ATTEMPTS
+    forward = "compute.forward_env=[AWS_ENDPOINT_URL, AWS_DEFAULT_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY]"
+    with FaultProxy(s3_server) as proxy:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # the driver's and (forwarded) the workers' endpoint
+        proxy.fail(image[0], 1)  # within one request's attempts: pyarrow's client retries it
+        proxy.fail(image[1], attempts)  # every attempt of the first read: the reader reads again
+        summary = _run(root, output, "predictions", "models=[{name: resnet_small}]", forward)
+        assert proxy.statuses(image[0]) == [503, 206] and proxy.statuses(image[1]) == [503] * attempts + [206]
+        # one read more than listed: the second image's; nothing dropped, every image accounted
+        assert summary["reads"] == {"images": listed, "reads": listed + 1, "undecodable": len(bad)}
+        assert summary["rows"] == {"predictions": n} and summary["failures"] == {"predictions/resnet_small": 2}
+        run = next(r for r in catalog.discover(output).runs)
+        ids = set(catalog.read_table(run, "predictions", columns=["image_id"])["image_id"].to_pylist())
+        assert {f"val/{world.class_names[k]}/{k:06d}.png" for k in (0, 1)} <= ids and len(ids) == n
+        assert sorted(catalog.read_table(run, results.FAILURES_TABLE)["path"].to_pylist()) == sorted(bad)
+        part = storage.join(output, "scale", "predictions", "experiment=predictions", "model=resnet_small")
+        marker = results.read_marker(part)
+        assert marker["images"] + marker["failures"] == listed
+
+        # every GET of one image fails: the job stops naming it, before any model's pass; the
+        # finished part is kept (a second model is what is left to compute)
+        proxy.fail(image[2], -1)
+        with pytest.raises(SystemExit, match=f"^error: cannot read image {re.escape(image[2])} after "
+                                             f"{images.READ_ATTEMPTS} attempts \\(OSError: AWS Error SLOW_DOWN"):
+            _run(root, output, "predictions", "models=[{name: resnet_small}, {name: bagnet9_small}]", forward)
+        assert proxy.statuses(image[2]) == [503] * (images.READ_ATTEMPTS * attempts)
+        assert results.read_marker(part) == marker and results.verify_part(part, marker, deep=True) is None
+        assert not storage.exists(storage.join(output, "scale", results.MARKER))
 
 
 def test_training_records_the_images_it_skips_once(tmp_path):

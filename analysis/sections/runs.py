@@ -8,7 +8,7 @@ import json
 import pandas as pd
 import yaml
 
-from analysis.builder import Builder, as_time, shown_path, when
+from analysis.builder import COUNT_KEYS, Builder, as_time, shown_path, when
 from analysis.html import Details, Section, Table
 from bagnet.experiments import EXPERIMENTS
 from store.schemas import TUNE_TABLE
@@ -32,16 +32,15 @@ def rows_read(builder: Builder) -> pd.DataFrame:
     """Rows read per table, experiment and model (the columns a table has of these)."""
     counts = []
     for table, data in builder.used.items():
-        df = data.df
-        group = [c for c in ("experiment", "model") if c in df]  # a sweep's trials have no experiment
-        for key, sub in df.groupby(group, dropna=False):
-            created = as_time(sub["created_at"])
-            low, high = when(created.min()), when(created.max())
-            versions = sub["code_version"].unique()[:3] if "code_version" in sub else ["–"]  # not in trial tables
-            counts.append({"table": table, "run": data.run.name, "experiment": "–", **dict(zip(group, key)),
-                           "rows": len(sub), "run_id": ", ".join(map(str, sub["run_id"].unique()[:3])),
+        c = data.counts
+        group = [k for k in COUNT_KEYS if k in c]  # a sweep's trials have no experiment
+        low, high = as_time(c["created_min"]).map(when), as_time(c["created_max"]).map(when)
+        for i, row in c.iterrows():
+            versions = row["code_versions"][:3] if "code_versions" in c else ["–"]  # not in trial tables
+            counts.append({"table": table, "run": data.run.name, "experiment": "–", **{k: row[k] for k in group},
+                           "rows": int(row["rows"]), "run_id": ", ".join(map(str, row["run_ids"][:3])),
                            "code version": ", ".join(map(str, versions)),
-                           "created": low if low == high else f"{low} … {high}"})
+                           "created": low[i] if low[i] == high[i] else f"{low[i]} … {high[i]}"})
     return pd.DataFrame(counts)
 
 

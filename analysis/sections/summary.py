@@ -9,32 +9,33 @@ model. A top-5 value is left out where the classes are too few for top-5 to tell
 from __future__ import annotations
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from analysis import figures
 from analysis.builder import Builder, model_order, run_world, wide
 from analysis.html import Section, Table
-from analysis.seeds import over_seeds, seeds_note, spread_text
+from analysis.seeds import over_seeds_of_sums, seeds_note, spread_text
 from analysis.sections.accuracy import TOP5_MIN_CLASSES
 from bagnet.experiments import Summary
 
 
-def value_column(df: pd.DataFrame, value: str) -> pd.Series:
+def value_expression(value: str) -> pc.Expression:
     """The column a Summary value names, as floats: ``"col"``, or ``"|col|"`` for ``abs(col)``."""
     if value.startswith("|") and value.endswith("|"):
-        return df[value[1:-1]].astype(float).abs()
-    return df[value].astype(float)
+        return pc.abs(pc.field(value[1:-1]).cast(pa.float64()))
+    return pc.field(value).cast(pa.float64())
 
 
-def summarize(df: pd.DataFrame, summary: Summary, values: list[str] | None = None) -> tuple[pd.DataFrame, str | None]:
-    """``(means, style)``: one row per (style, model, x) with ``q``, ``rows`` (per seed), ``seeds``,
-    and each value's mean over seeds and ``<value>_sd`` spread; ``style`` is None unless its column
-    holds more than one value."""
+def summarize(sums: pd.DataFrame, summary: Summary, values: list[str] | None = None) -> tuple[pd.DataFrame, str | None]:
+    """``(means, style)`` from the table's per-replicate sums (:meth:`Builder.replicate_sums`): one
+    row per (style, model, x) with ``q``, ``rows`` (per seed), ``seeds``, and each value's mean
+    over seeds and ``<value>_sd`` spread; ``style`` is None unless its column holds more than one value."""
     values = values or list(summary.values)
-    style = summary.style if summary.style and df[summary.style].nunique() > 1 else None
+    style = summary.style if summary.style and sums[summary.style].nunique() > 1 else None
     keys = [k for k in (style, "model", summary.x) if k]
-    data = df.assign(**{v: value_column(df, v) for v in values})
-    means = over_seeds(data, keys, values)
-    q = df.drop_duplicates("model").set_index("model")["q"]
+    means = over_seeds_of_sums(sums, keys, values)
+    q = sums.drop_duplicates("model").set_index("model")["q"]
     return means.assign(q=means["model"].map(q)), style
 
 
@@ -45,14 +46,15 @@ def informative(value: str, classes: int | None) -> bool:
 
 def section(builder: Builder, name: str, table: str, summary: Summary) -> Section:
     """Experiment ``name``'s section from its table ``table``, drawn as ``summary`` says."""
-    sec, df = builder.table_section(summary.title, name, table)
-    if df is None:
+    sec, data = builder.section_of(summary.title, name, table, rows=False)  # aggregated in the scan: no rows held
+    if data is None:
         return sec
-    df = builder.replicates(table)
-    world = run_world(builder.load(table).run)
+    world = run_world(data.run)
     classes = world.num_classes if world is not None else None
     panels = [(v, label) for v, label in summary.values.items() if informative(v, classes)]
     left_out = [label for v, label in summary.values.items() if not informative(v, classes)]
+    keys = [k for k in (summary.style, summary.x) if k]
+    df = builder.replicate_sums(table, keys, {v: value_expression(v) for v, _ in panels})
     means, style = summarize(df, summary, [v for v, _ in panels])
     order = model_order(df)
     caption = summary.caption + (" Bands: standard deviation over training seeds." if means["seeds"].max() > 1 else "")
