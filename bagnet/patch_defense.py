@@ -20,7 +20,8 @@ window, what an arbitrary change of that window's cells can do (Xiang et al., Pa
 
 All functions are pure tensor math (no model, no experiment framework). ``certified_margin`` is
 the worst case over windows and rival classes of (predicted minus rival score), per cell;
-``certified`` is ``certified_margin > 0`` (ties never certify). Ties in predictions go to the
+``certified`` is ``certified_margin > rounding_tolerance(...)``: a margin within the rounding
+error of the sums behind it is a tie, and ties never certify. Ties in predictions go to the
 lower class index (``argmax``).
 """
 
@@ -177,7 +178,22 @@ def certify(logits: Tensor, defense: str, window: tuple[int, int], *,
                             prediction, window) / cells
     else:
         raise ValueError(f"unknown defense {defense!r}; known: {list(DEFENSES)}")
-    return Defended(prediction, margin, worst > 0, worst)
+    return Defended(prediction, margin, worst > rounding_tolerance(logits, defense, clip), worst)
+
+
+def rounding_tolerance(logits: Tensor, defense: str, clip: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+    """Per image, a bound on the rounding error of a certified margin: ``eps * cells * M``, with
+    ``M`` the largest magnitude the defense sums (clamped logits, evidence or one vote) and ``eps``
+    the dtype's machine epsilon (a sum of ``cells`` terms is off by at most ``cells * eps * M``;
+    margins are such sums divided by ``cells``, so this leaves a factor ``cells`` of headroom).
+    In exact arithmetic a tie has margin 0; in float32 it can come out as +3e-8."""
+    cells = logits.shape[-2] * logits.shape[-1]
+    if defense == "vote":
+        magnitude = torch.ones(logits.shape[0], dtype=logits.dtype, device=logits.device)
+    else:
+        bounded = logits.clamp(*clip) if defense == "clipped" else logits.clamp(min=0)
+        magnitude = bounded.abs().flatten(1).amax(1)
+    return torch.finfo(logits.dtype).eps * cells * magnitude
 
 
 def _pick(x: Tensor, prediction: Tensor) -> Tensor:

@@ -71,28 +71,6 @@ def actor_nodes(state: dict, class_name: str, alive_only: bool = False) -> list[
             if a["class_name"] == class_name and (a["state"] == "ALIVE" or not alive_only)]
 
 
-def test_train_job_writes_checkpoints_and_metrics_to_shared_storage(cluster, shared):
-    proc = submit(cluster, "train", ["python", "jobs/train.py", "--config", "configs/synthetic.yaml", *TINY_TRAIN,
-                                     "optim.epochs=2", f"run.storage_path={shared}/train", "run.name=tiny"])
-    finish(cluster, proc, "train")
-
-    # the working dir arrived without .venv (GBs), .git or results: a few MiB at most
-    (shipped,) = cluster.working_dirs()
-    assert (shipped / "jobs" / "train.py").is_file() and (shipped / "bagnet" / "models.py").is_file()
-    assert not {".venv", ".git", "results", "bench/out"} & {str(p.relative_to(shipped)) for p in shipped.rglob("*")}
-    assert sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file()) < 5 * 2**20
-    run_dir = shared / "train" / "tiny"
-    metrics = pd.read_parquet(run_dir / "metrics.parquet")
-    assert list(metrics["epoch"]) == [0, 1]
-    assert (metrics["world_size"] == 2).all()
-    assert sorted(p.parent.name for p in run_dir.glob("*/state.pt")) == ["epoch_0000", "epoch_0001"]
-    assert (run_dir / "model.pt").stat().st_size > 0 and (run_dir / "config.yaml").is_file()
-    # the Train workers ran on the worker nodes (the head has no CPUs), the controller by the driver
-    state = cluster.state("train")
-    assert len(actor_nodes(state, "RayTrainWorker")) == 2 and set(actor_nodes(state, "RayTrainWorker")) <= set(WORKERS)
-    assert actor_nodes(state, "TrainController") == ["head"]
-
-
 def test_experiment_job_spreads_over_both_nodes(cluster, shared):
     proc = submit(cluster, "spread", [
         "python", "jobs/experiment.py", "--experiment", "predictions", "--config", "configs/experiments-synthetic.yaml",
@@ -101,6 +79,12 @@ def test_experiment_job_spreads_over_both_nodes(cluster, shared):
         # both replicas up before images flow (else the first ready one may do all of this small job)
         "compute.wait_for_actors_s=300", f"output={shared}/experiments", "run_id=spread"])
     finish(cluster, proc, "spread")
+
+    # the working dir arrived without .venv (GBs), .git or results: a few MiB at most
+    (shipped,) = cluster.working_dirs()
+    assert (shipped / "jobs" / "train.py").is_file() and (shipped / "bagnet" / "models.py").is_file()
+    assert not {".venv", ".git", "results", "bench/out"} & {str(p.relative_to(shipped)) for p in shipped.rglob("*")}
+    assert sum(p.stat().st_size for p in shipped.rglob("*") if p.is_file()) < 5 * 2**20
 
     rows = pd.read_parquet(shared / "experiments" / "spread" / "predictions")
     assert len(rows) == 256 and rows["image_id"].is_unique
@@ -113,7 +97,7 @@ def test_experiment_job_spreads_over_both_nodes(cluster, shared):
     assert set(work + actors) == set(WORKERS), (work, actors)
 
 
-def test_training_survives_losing_the_node_it_runs_on(cluster, shared):
+def test_training_writes_to_shared_storage_and_survives_losing_its_node(cluster, shared):
     epochs = 6
     run_dir = shared / "train" / "fault"
     proc = submit(cluster, "fault", ["python", "jobs/train.py", "--config", "configs/synthetic.yaml", *TINY_TRAIN,
@@ -142,8 +126,13 @@ def test_training_survives_losing_the_node_it_runs_on(cluster, shared):
     assert resumed and int(resumed.group(1)) >= done_at_kill, events  # no committed epoch is trained again
     metrics = pd.read_parquet(run_dir / "metrics.parquet")
     assert list(metrics["epoch"]) == list(range(epochs)), metrics[["epoch", "finished_at"]]  # each epoch once
-    assert metrics["finished_at"].is_monotonic_increasing
+    assert metrics["finished_at"].is_monotonic_increasing and (metrics["world_size"] == 2).all()
+    assert (run_dir / f"epoch_{epochs - 1:04d}" / "state.pt").is_file()  # checkpoints on the shared storage
+    assert (run_dir / "model.pt").stat().st_size > 0 and (run_dir / "config.yaml").is_file()
     survivor = next(n for n in WORKERS if n != victim.name)
     state = cluster.state("fault")
     assert survivor in actor_nodes(state, "RayTrainWorker")  # the restarted worker group
+    # the Train workers ran on the worker nodes (the head has no CPUs), the controller by the driver
+    assert set(actor_nodes(state, "RayTrainWorker")) <= set(WORKERS)
+    assert actor_nodes(state, "TrainController") == ["head"]
     assert state["nodes"][victim.name]["state"] == "DEAD"

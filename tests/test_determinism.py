@@ -1,5 +1,5 @@
 """The same config and seed give the same metrics on a rerun (ordered data, seeded shuffles and
-init); another seed gives other ones."""
+init); the seed decides each worker's shuffle in each epoch."""
 
 import pandas as pd
 import pytest
@@ -17,9 +17,8 @@ def metrics(tmp_path, name: str, seed: int) -> pd.DataFrame:
 
 @pytest.mark.slow
 def test_same_seed_same_metrics(ray_session, tmp_path):
-    first, again, other = metrics(tmp_path, "a", 0), metrics(tmp_path, "b", 0), metrics(tmp_path, "c", 1)
+    first, again = metrics(tmp_path, "a", 0), metrics(tmp_path, "b", 0)
     pd.testing.assert_frame_equal(first, again)  # exactly: same batches in the same order, same init
-    assert not first["train_loss"].equals(other["train_loss"])
 
 
 def test_shuffle_seed_differs_per_epoch_and_worker():

@@ -11,6 +11,7 @@ import yaml
 
 from cluster import sweep as sweeps
 from jobs import experiment, reproduce, train, tune
+from store import lock
 from store.schemas import TUNE_FILE
 from tests.test_experiment_runner import dummy_module  # noqa: F401 - the fixture: an experiment outside the package
 
@@ -76,11 +77,13 @@ def test_failed_experiment_part_exits_non_zero(ray_session, tmp_path, dummy_modu
     assert not (tmp_path / "broken" / "_SUCCESS").exists()
 
 
-@pytest.mark.slow  # the train stage's Train run dies
-def test_failed_reproduce_stage_exits_non_zero(ray_session, tmp_path):
-    overrides = "[" + ", ".join(o for o in TINY + CRASH if not o.startswith("model.name")) + "]"
-    status, error = exit_status(reproduce.main, [
-        "train.models=[bagnet9_small]", f"train.storage_path={tmp_path / 'train'}", f"train.overrides={overrides}",
-        f"experiments.overrides=[output={tmp_path / 'experiments'}]", f"report.out={tmp_path / 'report'}"])
-    assert status != 0, error
+def test_failed_reproduce_stage_exits_non_zero(tmp_path):
+    """The train stage fails at run time (another job holds its run's lock): the run stops there."""
+    overrides = "[" + ", ".join(o for o in TINY if not o.startswith("model.name")) + "]"
+    with lock.acquire(str(tmp_path / "train" / "bagnet9_small"), job="another train job"):
+        status, error = exit_status(reproduce.main, [
+            "train.models=[bagnet9_small]", "train.seeds=[0]", f"train.storage_path={tmp_path / 'train'}",
+            f"train.overrides={overrides}", f"experiments.overrides=[output={tmp_path / 'experiments'}]",
+            f"report.out={tmp_path / 'report'}"])
+    assert status != 0 and "another train job" in error, error
     assert not (tmp_path / "experiments").exists() and not (tmp_path / "report").exists()
