@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bagnet import models as zoo
-from bagnet.config import ConfigError, check_name, require, to_dict
+from bagnet.config import ConfigError, check_name, load_config, require, to_dict, updated
 from bagnet.experiments import EXPERIMENTS
 from bagnet.synthetic import SPLITS, SyntheticWorld
 from bagnet.training import OptimConfig
 from bagnet.weights import resolve_url
 from cluster.runtime_env import FORWARDED_ENV
 from store import storage
+from store.results import MODEL_FILE
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 MAX_IMAGE_SIZE = 2048  # px per side; larger images would need gigabytes each
@@ -328,6 +329,19 @@ class ReproduceConfig:
     def validate(self) -> None:
         for key, path in (("train.config", self.train.config), ("experiments.config", self.experiments.config)):
             require(config_path(path).is_file(), key, f"config file not found: {path}")
+
+    def experiment_config(self, seed: int) -> ExperimentJobConfig:
+        """The experiment stage's config for the models trained with ``seed``: the trained models'
+        weights point at that seed's ``model.pt`` exports, the run id is suffixed ``-seed<s>`` when
+        there are several seeds (paths not yet rooted: see ``cluster.paths.job_paths``)."""
+        require(seed in self.train.seeds, "train.seeds", f"has no seed {seed}; seeds: {self.train.seeds}")
+        path = config_path(self.experiments.config)
+        exp = load_config(ExperimentJobConfig, path, self.experiments.overrides)
+        trained = {m: storage.join(self.train.storage_path, self.train.run_name(m, seed), MODEL_FILE)
+                   for m in self.train.models}
+        models = [{**to_dict(m), "weights": trained.get(m.name, m.weights)} for m in exp.models]
+        suffix = f"-seed{seed}" if len(self.train.seeds) > 1 else ""
+        return updated(exp, {"models": models, "run_id": (exp.run_id or path.stem) + suffix})
 
 
 def config_path(path: str | Path) -> Path:

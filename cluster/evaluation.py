@@ -366,10 +366,9 @@ def commit(part: Part, p: PartProgress, listed: int, info: dict[str, Any]) -> di
         "seconds": round(p.compute_s, 3), **info, "code_version": results.code_version()})
 
 
-def run_group(plan: Plan, parts: list[Part], env: dict | None, images: ray.data.Dataset) -> dict[str, dict]:
-    """Compute all unfinished parts of one model in one pass over ``images`` (the actors write the
-    files) and commit each; returns their markers by part key. A part is committed only when
-    the whole pass has finished."""
+def actor_kwargs(plan: Plan, parts: list[Part]) -> dict[str, Any]:
+    """The :class:`ModelActor` arguments for one model's ``parts``: its experiments and their part
+    folders, the helper models they need, the columns common to its rows."""
     cfg, model = plan.cfg, parts[0].model
     helpers: dict[str, ModelConfig] = {}
     for part in parts:
@@ -378,20 +377,37 @@ def run_group(plan: Plan, parts: list[Part], env: dict | None, images: ray.data.
     common = {"run_id": plan.run_id, "q": model_q(model.name), "weights": model.weights_label,
               "dataset": cfg.data.dataset, "split": cfg.split, "seed": cfg.seed,
               "precision": cfg.precision, "code_version": results.code_version()}
+    c = cfg.compute
+    return {"experiments": {p.experiment: p.params for p in parts}, "model": model, "helpers": helpers,
+            "modules": list(cfg.modules), "num_classes": plan.source.num_classes, "use_gpu": c.use_gpu,
+            "precision": cfg.precision, "seed": cfg.seed, "forward_batch_size": c.forward_batch_size or c.batch_size,
+            "common": common, "paths": {p.experiment: (p.path, p.failures_path) for p in parts},
+            "fast": c.fast, "torch_threads": c.torch_threads, "max_file_bytes": c.max_file_mb * 2**20,
+            "world": cfg.data.world() if cfg.data.dataset == "synthetic" else None}
+
+
+def tally(progress: dict[str, PartProgress], columns: dict[str, list]) -> None:
+    """Add the :data:`COLUMNS` of a :class:`ModelActor` output (as lists) to each experiment's progress."""
+    for name, file, failure_file, done, failures, evals, seconds in zip(*(columns[col] for col in COLUMNS)):
+        p = progress[name]
+        p.files += json.loads(file)
+        p.failure_files += json.loads(failure_file)
+        p.images, p.failures = p.images + done, p.failures + failures
+        p.evals, p.compute_s = p.evals + evals, p.compute_s + seconds
+
+
+def run_group(plan: Plan, parts: list[Part], env: dict | None, images: ray.data.Dataset) -> dict[str, dict]:
+    """Compute all unfinished parts of one model in one pass over ``images`` (the actors write the
+    files) and commit each; returns their markers by part key. A part is committed only when
+    the whole pass has finished."""
+    cfg, model = plan.cfg, parts[0].model
     for part in parts:  # leftovers of an interrupted attempt
         results.discard(part.path)
         results.discard(part.failures_path)
     c = cfg.compute
     with data_context(wait_for_min_actors_s=c.wait_for_actors_s or -1):
         written = images.map_batches(
-            ModelActor,
-            fn_constructor_kwargs={
-                "experiments": {p.experiment: p.params for p in parts}, "model": model, "helpers": helpers,
-                "modules": list(cfg.modules), "num_classes": plan.source.num_classes, "use_gpu": c.use_gpu,
-                "precision": cfg.precision, "seed": cfg.seed, "forward_batch_size": c.forward_batch_size or c.batch_size,
-                "common": common, "paths": {p.experiment: (p.path, p.failures_path) for p in parts},
-                "fast": c.fast, "torch_threads": c.torch_threads, "max_file_bytes": c.max_file_mb * 2**20,
-                "world": cfg.data.world() if cfg.data.dataset == "synthetic" else None},
+            ModelActor, fn_constructor_kwargs=actor_kwargs(plan, parts),
             batch_size=c.batch_size, batch_format="numpy", zero_copy_batch=False,
             compute=ray.data.ActorPoolStrategy(size=c.actor_pool_size),
             num_cpus=c.num_cpus, num_gpus=c.num_gpus if c.use_gpu else 0,
@@ -403,13 +419,7 @@ def run_group(plan: Plan, parts: list[Part], env: dict | None, images: ray.data.
     for block in written.iter_batches(batch_size=None, batch_format="pyarrow"):
         if first_result_s is None:
             first_result_s = time.perf_counter() - start
-        for name, file, failure_file, done, failures, evals, seconds in zip(
-                *(block[col].to_pylist() for col in COLUMNS)):
-            p = progress[name]
-            p.files += json.loads(file)
-            p.failure_files += json.loads(failure_file)
-            p.images, p.failures = p.images + done, p.failures + failures
-            p.evals, p.compute_s = p.evals + evals, p.compute_s + seconds
+        tally(progress, {col: block[col].to_pylist() for col in COLUMNS})
         if time.perf_counter() - last >= c.progress_s:
             last = time.perf_counter()
             done = min(p.images + p.failures for p in progress.values())
@@ -531,5 +541,6 @@ def run_plan(plan: Plan) -> dict[str, Any]:
 __all__ = [
     "COLUMNS", "ActorPoolTimeout", "AccountingError", "Part", "Plan", "parse_experiments", "helper_model_names",
     "make_plan", "finished_marker", "build_model", "ModelActor", "import_root", "runtime_env", "group_parts",
-    "PartProgress", "read_images", "commit", "run_group", "RunTotals", "unwrap_read_error", "run_plan",
+    "PartProgress", "read_images", "commit", "actor_kwargs", "tally", "run_group", "RunTotals", "unwrap_read_error",
+    "run_plan",
 ]

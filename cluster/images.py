@@ -14,6 +14,7 @@ import hashlib
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -119,6 +120,13 @@ def _synthetic_images(batch: dict[str, np.ndarray], *, seed: int, image_size: in
         n = len(out["label"])
         images.update(path=np.full(n, "", dtype=str), error=np.full(n, "", dtype=str), reads=np.zeros(n, np.int64))
     return images
+
+
+def synthetic_batch(cfg: DataConfig, split: str, ids: Sequence[int]) -> dict[str, np.ndarray]:
+    """Images ``ids`` of the synthetic ``split``, made in this process (no Ray), with the columns
+    of ``image_dataset(..., keep_failures=True)``: a plain-loop baseline's input."""
+    return _synthetic_images({"id": np.asarray(ids, np.int64)}, seed=cfg.seed, image_size=cfg.image_size,
+                             split=split, keep_failures=True)
 
 
 READ_ATTEMPTS = 4  # reads of one file before an I/O error stops the job

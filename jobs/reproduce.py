@@ -26,12 +26,11 @@ if __package__ in (None, ""):  # `python jobs/reproduce.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.report import build_report
-from bagnet.config import ConfigError, dump_yaml, load_config, to_dict, updated
+from bagnet.config import ConfigError, dump_yaml, load_config, updated
 from cluster.configs import CONFIG_DIR, ExperimentJobConfig, ReproduceConfig, TrainJobConfig, config_path
 from cluster.paths import job_paths
 from jobs import experiment, train
 from store import storage
-from store.results import MODEL_FILE
 
 DEFAULT_CONFIG = CONFIG_DIR / "reproduce-synthetic.yaml"
 
@@ -46,19 +45,8 @@ def train_configs(cfg: ReproduceConfig) -> dict[str, TrainJobConfig]:
 
 
 def experiment_configs(cfg: ReproduceConfig) -> list[ExperimentJobConfig]:
-    """The experiment config once per seed, its trained models' weights pointing at that seed's
-    exports (the run id suffixed ``-seed<s>`` when there are several seeds)."""
-    path = config_path(cfg.experiments.config)
-    exp = load_config(ExperimentJobConfig, path, cfg.experiments.overrides)
-    run_id = exp.run_id or path.stem
-    configs = []
-    for seed in cfg.train.seeds:
-        trained = {m: storage.join(cfg.train.storage_path, cfg.train.run_name(m, seed), MODEL_FILE)
-                   for m in cfg.train.models}
-        models = [{**to_dict(m), "weights": trained.get(m.name, m.weights)} for m in exp.models]
-        suffix = f"-seed{seed}" if len(cfg.train.seeds) > 1 else ""
-        configs.append(job_paths(updated(exp, {"models": models, "run_id": run_id + suffix})))
-    return configs
+    """The experiment config once per seed, on that seed's trained models (``ReproduceConfig.experiment_config``)."""
+    return [job_paths(cfg.experiment_config(seed)) for seed in cfg.train.seeds]
 
 
 def run_stages(cfg: ReproduceConfig) -> dict:

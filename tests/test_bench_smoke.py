@@ -1,10 +1,13 @@
-"""Smoke test of the throughput benchmark: one tiny model, in-process, CSV columns checked."""
+"""Smoke tests of the benchmarks: tiny models, in-process, CSV columns checked."""
 
 from __future__ import annotations
 
 import csv
 
-from bench import throughput
+import pytest
+
+from bench import experiment_stage, throughput
+from store import results
 
 
 def test_throughput_quick_writes_csv(tmp_path):
@@ -22,3 +25,52 @@ def test_throughput_quick_writes_csv(tmp_path):
     fast = next(r for r in rows if r["mode"] == "infer" and r["path"] == "fast")
     assert float(fast["max_rel_diff"]) < 1e-4 and float(fast["top1_agreement"]) == 1.0
     assert len(table.rows) == 4
+
+
+TINY_STAGE = ["--quick", "--test-size", "6", "--experiments", "predictions,shuffle"]  # untrained bagnet9_small
+
+
+def test_experiment_stage_config_is_the_reproduce_stage_with_the_selections():
+    cfg, names, _ = experiment_stage.stage_config(experiment_stage.parse_args(
+        ["--untrained", "--models", "bagnet9_small", "resnet_small", "--train-dir", "elsewhere/train"]))
+    assert names == "all" and [(m.name, m.weights) for m in cfg.models] == [("bagnet9_small", None),
+                                                                             ("resnet_small", None)]
+    # the reproduce stage's overrides, not the experiment config's own defaults
+    assert cfg.data.test_size == 256 and cfg.experiments["interaction"]["pairs_per_distance"] == 2
+    assert cfg.experiments["masking"]["ks"] == [0, 1, 2, 4, 8] and cfg.run_id == "experiments-synthetic-seed0"
+    cfg, _, _ = experiment_stage.stage_config(experiment_stage.parse_args(
+        ["--seed", "2", "--train-dir", "elsewhere/train", "--test-size", "16", "experiments.masking.ig_steps=4"]))
+    assert cfg.models[0].weights.endswith("elsewhere/train/bagnet9_small-seed2/model.pt")
+    assert cfg.data.test_size == 16 and cfg.experiments["masking"]["ig_steps"] == 4
+    with pytest.raises(SystemExit, match="--models.*'nope'"):
+        experiment_stage.stage_config(experiment_stage.parse_args(["--models", "nope"]))
+    with pytest.raises(SystemExit, match="train.seeds.*no seed 9"):
+        experiment_stage.stage_config(experiment_stage.parse_args(["--seed", "9"]))
+
+
+def test_experiment_stage_plain_loop_writes_every_part_and_refuses_unequal_work(tmp_path):
+    cfg, names, config_file = experiment_stage.stage_config(experiment_stage.parse_args(TINY_STAGE))
+    run_dir = experiment_stage.run_plain(cfg, names, config_file, str(tmp_path))
+    parts = results.completed_parts(run_dir)
+    assert {rel: m["rows"] for rel, m in parts.items()} == {
+        "predictions/experiment=predictions/model=bagnet9_small": 6,
+        "shuffle/experiment=shuffle/model=bagnet9_small": 6 * 15}
+    assert all(m["images"] == 6 and m["group_seconds"] > 0 for m in parts.values())
+    experiment_stage.check_equal_rows(parts, parts)
+    fewer = {rel: {**m, "rows": m["rows"] - 1} for rel, m in parts.items()}
+    with pytest.raises(AssertionError, match="not the same work"):
+        experiment_stage.check_equal_rows(parts, fewer)
+
+
+@pytest.mark.slow  # a Ray Data pipeline and a model actor
+def test_experiment_stage_tiny_writes_csv(ray_session, tmp_path):
+    out = tmp_path / "experiment_stage.csv"
+    table = experiment_stage.main([*TINY_STAGE, "--out", str(out)])
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert set(experiment_stage.COLUMNS) | {"cpu", "cores", "load_avg_1m", "date"} <= set(rows[0])
+    assert [r["model"] for r in rows] == ["bagnet9_small", "start-up + images", "total"]
+    total = rows[-1]
+    assert total["parts"] == "2" and total["rows"] == str(6 + 6 * 15) and total["weights"] == "random"
+    assert float(total["speed"]) == pytest.approx(float(total["plain_s"]) / float(total["ray_s"]), rel=1e-3)
+    assert len(table.rows) == 3
