@@ -71,6 +71,13 @@ def _status_kb(key: str) -> int | None:
     return None
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set in MiB: ``VmHWM`` where Linux has it (``ru_maxrss`` survives
+    ``exec``, so in a subprocess it starts at its parent's peak), else ``ru_maxrss``."""
+    kb = _status_kb("VmHWM")
+    return (kb if kb is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 1024
+
+
 class PeakMemory:
     """Context manager: peak CPU RSS (MiB) and, on CUDA, peak allocated GPU memory inside it.
 

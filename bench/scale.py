@@ -13,7 +13,7 @@ large heatmaps table and over a large summary table, and listing a large ImageNe
         --work /tmp/scale-tiny
 
 Each measurement runs in a fresh subprocess (``--measure``) that prints its own peak RSS
-(``resource.getrusage(RUSAGE_SELF).ru_maxrss``) and how far the measured call raised it above the
+(``VmHWM``, see :func:`peak_rss_mb`) and how far the measured call raised it above the
 imports' (``rss_growth_mb``) as JSON, so one measurement's memory never counts towards another's:
 
 * ``experiment``: predictions plus full-resolution heatmaps of ``bagnet33_small`` and
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -52,17 +51,13 @@ from bagnet.experiments import shuffle as shuffle_experiment
 from bagnet.models import model_q
 from bagnet.imagenet import ImageFolderIndex
 from bagnet.synthetic import SyntheticWorld
-from bench.harness import Table, machine_info
+from bench.harness import Table, machine_info, peak_rss_mb
 from cluster import evaluation
 from cluster.configs import ExperimentJobConfig
 from cluster.images import describe
 from store import catalog, results, storage
 
 BAD_FILES = {"corrupt.JPEG": b"\xff\xd8\xff\xe0 truncated", "empty.JPEG": b"", "text.JPEG": b"not an image"}
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def measured(fn, *args) -> dict:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import csv
+import resource
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 
 from bench import experiment_stage, throughput
@@ -74,3 +78,17 @@ def test_experiment_stage_tiny_writes_csv(ray_session, tmp_path):
     assert total["parts"] == "2" and total["rows"] == str(6 + 6 * 15) and total["weights"] == "random"
     assert float(total["speed"]) == pytest.approx(float(total["plain_s"]) / float(total["ray_s"]), rel=1e-3)
     assert len(table.rows) == 3
+
+
+def test_a_subprocess_peak_rss_is_its_own_not_its_parents():
+    """``ru_maxrss`` survives ``exec``: a subprocess would report its parent's peak. bench.scale's
+    per-measurement subprocesses read ``VmHWM`` (``bench.harness.peak_rss_mb``) instead."""
+    big = np.ones(2**28, dtype=np.uint8)  # 256 MiB touched: this process's peak is at least that above the child's
+    parent_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    del big
+    code = ("import resource; from bench.harness import peak_rss_mb; "
+            "print(peak_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    own, inherited = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                               check=True).stdout.split())
+    assert inherited >= parent_peak  # what getrusage says in the child
+    assert own < parent_peak - 128  # what the child itself used
