@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bagnet.config import ConfigError, load_config, require, to_dict, updated
-from bench.harness import Table, machine_info
+from bench.harness import Table, machine_info, print_goal
 from bench.throughput import write_csv
 from cluster import evaluation
 from cluster.configs import CONFIG_DIR, ExperimentJobConfig, ReproduceConfig, check_output, config_path
@@ -197,8 +197,7 @@ def main(argv: Sequence[str] | None = None) -> Table:
     rows = sum(m["rows"] for m in plain_parts.values())
     table.add(model="total", parts=len(plain_parts), rows=rows, plain_s=plain_s, ray_s=ray_s, speed=plain_s / ray_s,
               note="whole wall time of each side", **common)
-    print(f"experiment stage: ray speed / plain = {plain_s / ray_s:.2f} (goal >= {GOAL}: "
-          f"{'met' if plain_s / ray_s >= GOAL else 'not met'})", flush=True)
+    print_goal("experiment stage: ray speed / plain", plain_s / ray_s, GOAL)
     write_csv(table, a.out)
     return table
 

@@ -71,6 +71,11 @@ def _status_kb(key: str) -> int | None:
     return None
 
 
+def print_goal(what: str, ratio: float, goal: float) -> None:
+    """One line: ``what = ratio`` against a ``>= goal`` target, and whether it is met."""
+    print(f"{what} = {ratio:.2f} (goal >= {goal}: {'met' if ratio >= goal else 'not met'})", flush=True)
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set in MiB: ``VmHWM`` where Linux has it (``ru_maxrss`` survives
     ``exec``, so in a subprocess it starts at its parent's peak), else ``ru_maxrss``."""

@@ -45,7 +45,7 @@ from bagnet.imagenet import to_model_input
 from bagnet.models import create_model, model_q
 from bagnet.synthetic import SyntheticWorld
 from bagnet.training import OptimConfig, evaluate, make_optimizer, train_epoch
-from bench.harness import Table, machine_info
+from bench.harness import Table, machine_info, print_goal
 from bench.throughput import write_csv
 from cluster import evaluation, training
 from cluster.configs import (ComputeConfig, DataConfig, ExperimentJobConfig, ModelConfig, RunConfig,
@@ -225,9 +225,7 @@ def main(argv: Sequence[str] | None = None) -> Table:
         bench_experiment(a, table)
     for row in table.rows:
         if row["runner"] != "plain" and row["measure"] == "steady":
-            goal = GOALS[row["work"]]
-            print(f"{row['work']}: {row['runner']} / plain = {row['ratio']:.2f} (goal >= {goal}: "
-                  f"{'met' if row['ratio'] >= goal else 'not met'})", flush=True)
+            print_goal(f"{row['work']}: {row['runner']} / plain", row["ratio"], GOALS[row["work"]])
     write_csv(table, a.out)
     return table
 
