@@ -1,7 +1,9 @@
 """Jobs end with a non-zero exit status on any failure, so `ray job submit` reports FAILED: a sweep
-with an errored trial (and its table is not published as complete), a training run, an
-experiment run and a reproduce run. Failures come from the projects' fault hooks:
-``run.crash_after_epoch`` (a Train worker dies) and an experiment whose rows break its schema."""
+with an errored trial (and its table is not published as complete), an experiment run and a
+reproduce run; a crashed training run raises out of ``train.main`` (exit status 1, see
+``exit_status``), tested by tests/test_train.py's interrupted run. Failures come from the project's
+fault hooks: ``run.crash_after_epoch`` (a Train worker dies) and an experiment whose rows break its
+schema."""
 
 from pathlib import Path
 
@@ -10,7 +12,7 @@ import pytest
 import yaml
 
 from cluster import sweep as sweeps
-from jobs import experiment, reproduce, train, tune
+from jobs import experiment, reproduce, tune
 from store import lock
 from store.schemas import TUNE_FILE
 from tests.test_experiment_runner import dummy_module  # noqa: F401 - the fixture: an experiment outside the package
@@ -18,7 +20,6 @@ from tests.test_experiment_runner import dummy_module  # noqa: F401 - the fixtur
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["model.name=bagnet9_small", "data.train_size=64", "data.val_size=32", "optim.batch_size=32",
         "optim.epochs=2", "scaling.num_workers=1", "run.log_every=1000"]
-CRASH = ["run.crash_after_epoch=0", "run.max_failures=0"]  # the worker dies after epoch 1, no restart
 
 
 def exit_status(main, argv: list[str]) -> tuple[int, str]:
@@ -58,14 +59,6 @@ def test_sweep_with_an_errored_trial_fails_and_publishes_no_table(ray_session, t
     assert not (sweep_dir / TUNE_FILE).exists() and not (sweep_dir / "best").exists()
     incomplete = pd.read_parquet(sweep_dir / sweeps.INCOMPLETE_FILE)
     assert list(incomplete["status"]) == ["ERROR"] and incomplete["error"].iloc[0]
-
-
-@pytest.mark.slow  # a Train run whose worker dies
-def test_failed_training_run_exits_non_zero(ray_session, tmp_path):
-    status, error = exit_status(train.main, ["--config", str(train.DEFAULT_CONFIG), f"run.storage_path={tmp_path}",
-                                             "run.name=crash", *TINY, *CRASH])
-    assert status != 0, error
-    assert not (tmp_path / "crash" / "model.pt").exists()
 
 
 def test_failed_experiment_part_exits_non_zero(ray_session, tmp_path, dummy_module):  # noqa: F811

@@ -57,7 +57,7 @@ def test_interrupted_run_resumes_without_duplicates(ray_session, tmp_path):
     with pytest.raises(Exception):
         run(tmp_path, "resume", *TINY, "scaling.num_workers=1", "run.max_failures=0", "run.crash_after_epoch=1")
     partial = pd.read_parquet(tmp_path / "resume" / "metrics.parquet")
-    assert list(partial["epoch"]) == [0, 1]
+    assert list(partial["epoch"]) == [0, 1] and not (tmp_path / "resume" / "model.pt").exists()
     out = run(tmp_path, "resume", *TINY, "scaling.num_workers=1", "run.max_failures=0")
     assert list(out["metrics"]["epoch"]) == [0, 1, 2]
     # epochs 0 and 1 come from the checkpoint, not from training them again
