@@ -167,33 +167,32 @@ def certify(logits: Tensor, defense: str, window: tuple[int, int], *,
     scores = defense_scores(logits, defense, clip=clip, window=window)
     prediction = scores.argmax(1)
     margin = _clean_margin(scores, prediction)
+    summed = logits  # what the defense sums per cell: its rounding bounds the certificate
     if defense == "undefended":
         worst = torch.full_like(margin, float("-inf"))
     elif defense == "clipped":
-        worst = _clipped_worst(logits.clamp(*clip), prediction, window, clip) / cells
+        summed = logits.clamp(*clip)
+        worst = _clipped_worst(summed, prediction, window, clip) / cells
     elif defense == "masking":
-        worst = _masking_worst(logits.clamp(min=0), prediction, window) / cells
+        summed = logits.clamp(min=0)
+        worst = _masking_worst(summed, prediction, window) / cells
     elif defense == "vote":
-        worst = _vote_worst(F.one_hot(logits.argmax(1), c).permute(0, 3, 1, 2).to(logits.dtype),
-                            prediction, window) / cells
+        summed = F.one_hot(logits.argmax(1), c).permute(0, 3, 1, 2).to(logits.dtype)
+        worst = _vote_worst(summed, prediction, window) / cells
     else:
         raise ValueError(f"unknown defense {defense!r}; known: {list(DEFENSES)}")
-    return Defended(prediction, margin, worst > rounding_tolerance(logits, defense, clip), worst)
+    return Defended(prediction, margin, worst > rounding_tolerance(summed), worst)
 
 
-def rounding_tolerance(logits: Tensor, defense: str, clip: tuple[float, float] = (0.0, 1.0)) -> Tensor:
-    """Per image, a bound on the rounding error of a certified margin: ``eps * cells * M``, with
-    ``M`` the largest magnitude the defense sums (clamped logits, evidence or one vote) and ``eps``
-    the dtype's machine epsilon (a sum of ``cells`` terms is off by at most ``cells * eps * M``;
-    margins are such sums divided by ``cells``, so this leaves a factor ``cells`` of headroom).
-    In exact arithmetic a tie has margin 0; in float32 it can come out as +3e-8."""
-    cells = logits.shape[-2] * logits.shape[-1]
-    if defense == "vote":
-        magnitude = torch.ones(logits.shape[0], dtype=logits.dtype, device=logits.device)
-    else:
-        bounded = logits.clamp(*clip) if defense == "clipped" else logits.clamp(min=0)
-        magnitude = bounded.abs().flatten(1).amax(1)
-    return torch.finfo(logits.dtype).eps * cells * magnitude
+def rounding_tolerance(summed: Tensor) -> Tensor:
+    """Per image, a bound on the rounding error of a certified margin computed from ``summed``
+    (``(N, C, H, W)``: the clamped logits, evidence or votes a defense sums): ``eps * cells * M``,
+    with ``M`` the image's largest magnitude and ``eps`` the dtype's machine epsilon (a sum of
+    ``cells`` terms is off by at most ``cells * eps * M``; margins are such sums divided by
+    ``cells``, so this leaves a factor ``cells`` of headroom). In exact arithmetic a tie has
+    margin 0; in float32 it can come out as +3e-8."""
+    cells = summed.shape[-2] * summed.shape[-1]
+    return torch.finfo(summed.dtype).eps * cells * summed.abs().flatten(1).amax(1)
 
 
 def _pick(x: Tensor, prediction: Tensor) -> Tensor:
