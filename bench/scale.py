@@ -11,6 +11,8 @@ large heatmaps table and over a large summary table, and listing a large ImageNe
     # a quick check that it works (minutes, on a busy machine):
     python -m bench.scale --n 16 32 --size 64 --classes 4 --maps 64 --map-size 64 --summary-images 100 --files 2000 \\
         --work /tmp/scale-tiny
+    # one measurement only (experiment, report, summary, listing), e.g. the experiment on the cluster:
+    RAY_ADDRESS=127.0.0.1:6379 python -m bench.scale --only experiment --n 1000 4000 --csv bench/out/scale-experiment.csv
 
 Each measurement runs in a fresh subprocess (``--measure``) that prints its own peak RSS
 (``VmHWM``, see :func:`peak_rss_mb`) and how far the measured call raised it above the
@@ -128,6 +130,7 @@ def make_heatmaps_run(out: Path, maps: int, size: int, chunk: int = 500) -> None
                                      "rows_per_table": results.rows_per_table(results.completed_parts(run_dir))})
 
 
+MEASUREMENTS = ("experiment", "report", "summary", "listing")
 SUMMARY_MODELS = ("bagnet9_small", "bagnet17_small", "bagnet33_small", "resnet_small", "vgg_small", "densenet_small",
                   "resnet18")  # 7 models, as the ImageNet config
 SUMMARY_TILES = (8, 16, 32, 56, 112, 224)
@@ -207,6 +210,8 @@ def main(argv: list[str] | None = None) -> Table:
     p.add_argument("--files", type=int, default=100_000, help="files in the listed tree")
     p.add_argument("--work", default="/tmp/bench-scale", help="folder for the generated trees and results")
     p.add_argument("--csv", default="bench/out/scale.csv")
+    p.add_argument("--only", nargs="+", choices=MEASUREMENTS, default=list(MEASUREMENTS),
+                   help="the measurements to run (default: all)")
     p.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.measure:
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> Table:
     work = Path(a.work)
     table = Table(["measurement", "n", "seconds", "peak_rss_mb", "rss_growth_mb", "images_read", "file_reads",
                    "rows_written", "images_evaluated", "bad_in_failures"], info=machine_info())
-    for n in a.n:
+    for n in a.n if "experiment" in a.only else ():
         root = work / f"tree-{n}"
         if not (root / "val").exists():
             make_tree(root, n, a.size, a.classes)
@@ -227,31 +232,46 @@ def main(argv: list[str] | None = None) -> Table:
                   rss_growth_mb=m["rss_growth_mb"], images_read=m["images_read"], file_reads=m["file_reads"],
                   rows_written=m["rows_written"],
                   images_evaluated=m["images_evaluated"], bad_in_failures=m["bad_files_in_failures"])
+    if "report" in a.only:
+        measure_report_at_scale(table, work, a.maps, a.map_size)
+    if "summary" in a.only:
+        measure_summary_at_scale(table, work, a.summary_images)
+    if "listing" in a.only:
+        measure_listing_at_scale(table, work, a.files, a.classes)
+    table.write_csv(a.csv)
+    return table
+
+
+def measure_report_at_scale(table: Table, work: Path, maps: int, map_size: int) -> None:
     big = work / "heatmaps"
     if not (big / "big" / results.MARKER).exists():
-        make_heatmaps_run(big, a.maps, a.map_size)
+        make_heatmaps_run(big, maps, map_size)
     m = run_measure("report", str(big), str(work / "report"))
-    table.add(measurement="report", n=a.maps, seconds=m["seconds"], peak_rss_mb=m["peak_rss_mb"],
+    table.add(measurement="report", n=maps, seconds=m["seconds"], peak_rss_mb=m["peak_rss_mb"],
               rss_growth_mb=m["rss_growth_mb"])
-    summary = work / f"summary-{a.summary_images}"
+
+
+def measure_summary_at_scale(table: Table, work: Path, images: int) -> None:
+    summary = work / f"summary-{images}"
     if not (summary / "summary" / results.MARKER).exists():
-        make_shuffle_run(summary, a.summary_images)
+        make_shuffle_run(summary, images)
     m = run_measure("report", str(summary), str(work / "summary-report"))
-    rows = a.summary_images * len(SUMMARY_MODELS) * len(SUMMARY_TILES) * 3
+    rows = images * len(SUMMARY_MODELS) * len(SUMMARY_TILES) * 3
     table.add(measurement="summary report", n=rows, seconds=m["seconds"], peak_rss_mb=m["peak_rss_mb"],
               rss_growth_mb=m["rss_growth_mb"])
-    tree = work / f"listing-{a.files}"
+
+
+def measure_listing_at_scale(table: Table, work: Path, files: int, classes: int) -> None:
+    tree = work / f"listing-{files}"
     if not (tree / "val").exists():
-        for i in range(a.files):
-            folder = tree / "val" / class_name(i % a.classes)
+        for i in range(files):
+            folder = tree / "val" / class_name(i % classes)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{i:07d}.JPEG").write_bytes(b"x")
     for mode in ("dicts", "parallel"):
         m = run_measure("listing", str(tree), mode)
         table.add(measurement=f"listing ({mode})", n=m["files"], seconds=m["seconds"],
                   peak_rss_mb=m["peak_rss_mb"], rss_growth_mb=m["rss_growth_mb"])
-    table.write_csv(a.csv)
-    return table
 
 
 if __name__ == "__main__":
