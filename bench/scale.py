@@ -11,8 +11,9 @@ large heatmaps table and over a large summary table, and listing a large ImageNe
     # a quick check that it works (minutes, on a busy machine):
     python -m bench.scale --n 16 32 --size 64 --classes 4 --maps 64 --map-size 64 --summary-images 100 --files 2000 \\
         --work /tmp/scale-tiny
-    # one measurement only (experiment, report, summary, listing), e.g. the experiment on the cluster:
-    RAY_ADDRESS=127.0.0.1:6379 python -m bench.scale --only experiment --n 1000 4000 --csv bench/out/scale-experiment.csv
+    # one measurement only (experiment, report, summary, listing), with experiment-config overrides first:
+    RAY_ADDRESS=127.0.0.1:6379 python -m bench.scale compute.actor_pool_size=2 compute.fast=true \
+        --only experiment --n 1000 4000 --work /tmp/scale --csv bench/out/scale-experiment.csv
 
 Each measurement runs in a fresh subprocess (``--measure``) that prints its own peak RSS
 (``VmHWM``, see :func:`peak_rss_mb`) and how far the measured call raised it above the
@@ -40,6 +41,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -85,11 +87,11 @@ def make_tree(root: Path, n: int, size: int, classes: int) -> None:
         (root / "val" / class_name(0) / name).write_bytes(data)
 
 
-def measure_experiment(root: str, out: str, n: int, size: int) -> dict:
+def measure_experiment(root: str, out: str, n: int, size: int, overrides: Sequence[str] = ()) -> dict:
     cfg = load_config(ExperimentJobConfig, None, [
         f"output={out}", f"run_id=n{n}", "data.dataset=imagenet", f"data.root={root}", "split=val",
         f"data.image_size={size}", f"data.resize={size}", "experiments.heatmaps={resolution: full}",
-        "models=[{name: bagnet33_small}, {name: resnet_small}]"])
+        "models=[{name: bagnet33_small}, {name: resnet_small}]", *overrides])
     if storage.exists(storage.join(out, f"n{n}")):
         storage.delete(storage.join(out, f"n{n}"))  # measure a full run, not a resumed one
     start = time.perf_counter()
@@ -210,13 +212,15 @@ def main(argv: list[str] | None = None) -> Table:
     p.add_argument("--files", type=int, default=100_000, help="files in the listed tree")
     p.add_argument("--work", default="/tmp/bench-scale", help="folder for the generated trees and results")
     p.add_argument("--csv", default="bench/out/scale.csv")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="experiment-config overrides of the experiment measurement, e.g. compute.actor_pool_size=2")
     p.add_argument("--only", nargs="+", choices=MEASUREMENTS, default=list(MEASUREMENTS),
                    help="the measurements to run (default: all)")
     p.add_argument("--measure", nargs="+", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.measure:
         kind, *rest = a.measure
-        fn = {"experiment": lambda r, o, n, s: measure_experiment(r, o, int(n), int(s)),
+        fn = {"experiment": lambda r, o, n, s, *extra: measure_experiment(r, o, int(n), int(s), extra),
               "report": measure_report, "listing": measure_listing}[kind]
         print(json.dumps(measured(fn, *rest)))
         return Table([])
@@ -227,7 +231,7 @@ def main(argv: list[str] | None = None) -> Table:
         root = work / f"tree-{n}"
         if not (root / "val").exists():
             make_tree(root, n, a.size, a.classes)
-        m = run_measure("experiment", str(root), str(work / "results"), str(n), str(a.size))
+        m = run_measure("experiment", str(root), str(work / "results"), str(n), str(a.size), *a.overrides)
         table.add(measurement="experiment", n=n, seconds=m["seconds"], peak_rss_mb=m["peak_rss_mb"],
                   rss_growth_mb=m["rss_growth_mb"], images_read=m["images_read"], file_reads=m["file_reads"],
                   rows_written=m["rows_written"],
