@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Sequence
@@ -129,6 +130,7 @@ def synthetic_batch(cfg: DataConfig, split: str, ids: Sequence[int]) -> dict[str
                              split=split, keep_failures=True)
 
 
+MAX_FILE_BLOCKS = 1000  # blocks of the file list, each one decoding task (ImageNet train: 1,281 files each)
 READ_ATTEMPTS = 4  # reads of one file before an I/O error stops the job
 READ_BACKOFF_S = 0.5  # wait before the second attempt, doubled before each further one
 
@@ -194,10 +196,18 @@ def image_dataset(cfg: DataConfig, source: ImageSource, *, augment: bool = False
             _synthetic_images, fn_kwargs={"seed": cfg.seed, "image_size": cfg.image_size, "split": source.split,
                                           "keep_failures": keep_failures},
             **options)
-    return ray.data.from_arrow(source.files).map_batches(
+    return ray.data.from_arrow(file_blocks(source.files, cfg.read_batch_size)).map_batches(
         _imagenet_images, fn_kwargs={"size": cfg.image_size, "resize": cfg.eval_resize, "augment": augment,
                                      "keep_failures": keep_failures},
         **options)
+
+
+def file_blocks(files: pa.Table, batch: int, max_blocks: int = MAX_FILE_BLOCKS) -> list[pa.Table]:
+    """The file list cut into blocks of at least ``batch`` rows, at most ``max_blocks`` of them:
+    Ray Data gives each block its own decoding task, so the files are decoded in parallel (one
+    table would be one task) and a model's replicas each get blocks to work on."""
+    rows = max(batch, math.ceil(files.num_rows / max_blocks))
+    return [files.slice(start, rows) for start in range(0, files.num_rows, rows)] or [files]
 
 
 @dataclass

@@ -4,6 +4,7 @@ and experiments, unreadable files dropped with their path logged."""
 import hashlib
 
 import numpy as np
+import pyarrow as pa
 
 from bagnet.config import load_config
 from bagnet.synthetic import SyntheticWorld, materialize
@@ -64,3 +65,22 @@ def test_limit_gives_training_and_experiments_the_same_images(ray_session, tmp_p
     assert sorted(ids) == sorted(source.files["image_id"].to_pylist()) and len(set(ids)) == limit
     assert all(i.startswith("val/") for i in ids)
     assert trained_on.train_size == limit  # the same rule for training's own split
+
+
+def test_the_file_list_is_decoded_by_parallel_tasks(ray_session, tmp_path):
+    """The listed files are cut into blocks of data.read_batch_size (at most MAX_FILE_BLOCKS), one
+    decoding task each: one table would be one task, whatever the cluster's CPUs or the number of
+    a model's replicas."""
+    world = SyntheticWorld(seed=0, image_size=64)
+    materialize(world, str(tmp_path), split="val", n=2 * world.num_classes, ext="png")
+    cfg = load_config(ExperimentJobConfig, None, ["models=[{name: bagnet9_small}]", "data.dataset=imagenet",
+                                                  f"data.root={tmp_path}", "data.image_size=32",
+                                                  "data.resize=32", "data.read_batch_size=6"])
+    source = images.describe(cfg.data, cfg.split)
+    blocks = images.file_blocks(source.files, 6)
+    assert [b.num_rows for b in blocks] == [6, 6, 6, 2] and pa.concat_tables(blocks).equals(source.files)
+    assert [b.num_rows for b in images.file_blocks(source.files, 2, max_blocks=3)] == [7, 7, 6]
+    assert len(images.file_blocks(source.files.slice(0, 0), 6)) == 1
+    decoded = images.image_dataset(cfg.data, source).materialize()
+    assert decoded.num_blocks() == 4  # one output block per decoding task
+    assert sorted(decoded.unique("image_id")) == sorted(source.files["image_id"].to_pylist())
