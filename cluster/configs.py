@@ -227,6 +227,9 @@ class ComputeConfig:
     batch_size: int = 64  # images per actor call
     forward_batch_size: int | None = None  # largest forward batch of perturbed variants (default batch_size)
     actor_pool_size: int = 1  # model replicas in each model's pass
+    # Model passes at once, each its own pipeline and pool: the next model's actors start while a
+    # pass runs (the cluster needs the CPUs/GPUs of that many pools; Ctrl-C waits for running passes).
+    concurrent_models: int = 1
     # Wait this long for all replicas before images flow, then fail naming the resources
     # (None: start with the first ready replica; Ray adds the rest as they come).
     wait_for_actors_s: int | None = None
@@ -243,7 +246,7 @@ class ComputeConfig:
     progress_s: float = 30.0  # seconds between progress lines within a part
 
     def validate(self) -> None:
-        for key in ("batch_size", "actor_pool_size", "max_file_mb"):
+        for key in ("batch_size", "actor_pool_size", "concurrent_models", "max_file_mb"):
             require(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         require(self.forward_batch_size is None or self.forward_batch_size >= 1, "forward_batch_size",
                 f"must be >= 1, got {self.forward_batch_size}")

@@ -15,11 +15,15 @@ finished parts whose files match their markers and redoes the others. See docs/e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -48,6 +52,9 @@ from store import results, storage
 # store.results.file_check), the images it evaluated and could not, what they took.
 COLUMNS = COL_EXPERIMENT, COL_FILE, COL_FAILURE_FILE, COL_IMAGES, COL_FAILURES, COL_EVALS, COL_SECONDS = (
     "experiment", "file", "failure_file", "images", "failures", "model_evals", "seconds")
+
+
+CONTEXT_LOCK = threading.Lock()  # Ray Data's context is process-wide: concurrent passes set it one at a time
 
 
 class ActorPoolTimeout(RuntimeError):
@@ -405,7 +412,7 @@ def run_group(plan: Plan, parts: list[Part], env: dict | None, images: ray.data.
         results.discard(part.path)
         results.discard(part.failures_path)
     c = cfg.compute
-    with data_context(wait_for_min_actors_s=c.wait_for_actors_s or -1):
+    with CONTEXT_LOCK, data_context(wait_for_min_actors_s=c.wait_for_actors_s or -1):
         written = images.map_batches(
             ModelActor, fn_constructor_kwargs=actor_kwargs(plan, parts),
             batch_size=c.batch_size, batch_format="numpy", zero_copy_batch=False,
@@ -486,6 +493,47 @@ def unwrap_read_error(err: BaseException) -> BaseException:
     return ImageReadError(found.group(0)) if found else err
 
 
+@contextlib.contextmanager
+def pool_timeout(plan: Plan, model: str, totals: RunTotals) -> Iterator[None]:
+    """Turn the timeout of ``model``'s pool (raised only with ``compute.wait_for_actors_s``) into
+    an :class:`ActorPoolTimeout` naming the resources it asked for."""
+    try:
+        yield
+    except GetTimeoutError as err:
+        c = plan.cfg.compute
+        raise ActorPoolTimeout(
+            f"compute.wait_for_actors_s: the {c.actor_pool_size} replica(s) of {model} (each "
+            f"num_cpus={c.num_cpus}, num_gpus={c.num_gpus if c.use_gpu else 0}, memory_gb={c.memory_gb}) "
+            f"did not start within {c.wait_for_actors_s} s: the cluster lacks those resources "
+            f"(`ray status`). {len(totals.markers)} part(s) finished and are kept; a rerun resumes.") from err
+
+
+def run_passes(plan: Plan, groups: dict[str, list[Part]], env: dict | None, images: ray.data.Dataset,
+               totals: RunTotals) -> None:
+    """Each model's pass (:func:`run_group`), ``compute.concurrent_models`` at a time, their markers
+    into ``totals``. After an error no further pass starts, the running ones finish (their parts
+    are kept), and the error is raised."""
+    if plan.cfg.compute.concurrent_models == 1:  # in this thread, so Ctrl-C stops the pass at once
+        for model, group in groups.items():
+            with pool_timeout(plan, model, totals):
+                totals.markers.update(run_group(plan, group, env, images))
+        return
+    with ThreadPoolExecutor(plan.cfg.compute.concurrent_models, thread_name_prefix="model-pass") as pool:
+        futures = {pool.submit(run_group, plan, group, env, images): model for model, group in groups.items()}
+        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = next((f for f in futures if f in done and f.exception() is not None), None)
+        if failed is not None:
+            for future in futures:
+                future.cancel()  # passes not started yet; the running ones finish
+        wait(futures)
+    for future in futures:
+        if not future.cancelled() and future.exception() is None:
+            totals.markers.update(future.result())
+    if failed is not None:
+        with pool_timeout(plan, futures[failed], totals):
+            failed.result()
+
+
 def run_plan(plan: Plan) -> dict[str, Any]:
     """Compute the plan's unfinished parts (the images read once, one pass per model), then
     publish the run manifest (withdrawn first when there is work to do).
@@ -512,16 +560,7 @@ def run_plan(plan: Plan) -> dict[str, Any]:
             images, reads = read_images(plan, env)
         except Exception as err:  # Ray Data wraps the reader's error: stop naming the file
             raise unwrap_read_error(err) from err
-        for model, group in group_parts(todo).items():
-            try:
-                totals.markers.update(run_group(plan, group, env, images))
-            except GetTimeoutError as err:  # raised only with compute.wait_for_actors_s
-                c = cfg.compute
-                raise ActorPoolTimeout(
-                    f"compute.wait_for_actors_s: the {c.actor_pool_size} replica(s) of {model} (each "
-                    f"num_cpus={c.num_cpus}, num_gpus={c.num_gpus if c.use_gpu else 0}, memory_gb={c.memory_gb}) "
-                    f"did not start within {c.wait_for_actors_s} s: the cluster lacks those resources "
-                    f"(`ray status`). {len(totals.markers)} part(s) finished and are kept; a rerun resumes.") from err
+        run_passes(plan, group_parts(todo), env, images, totals)
     wall = time.perf_counter() - start
     if totals.markers or results.read_marker(plan.run_dir) is None:
         _write_manifest(plan, totals, wall, reads)

@@ -8,9 +8,10 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -19,6 +20,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 import torch
+from ray.exceptions import GetTimeoutError
 from ray.util.state import list_actors
 from torch import nn
 
@@ -411,7 +413,7 @@ def test_predictions_end_to_end_rerun_and_resume(ray_session, tmp_path, capsys):
     weights.write_bytes(_save_weights(resnet))
     models = f"[{{name: bagnet9_small}}, {{name: resnet_small, weights: {weights}}}]"
     out = tmp_path / "out"
-    summary = run_job(out, models=models)
+    summary = run_job(out, "compute.concurrent_models=2", models=models)  # both models' passes at once
     assert summary["computed"] == ["predictions/bagnet9_small", "predictions/resnet_small"]
     assert summary["rows"] == {"predictions": 2 * N_IMAGES} and summary["model_evals"] == 2 * N_IMAGES
     printed = capsys.readouterr().out
@@ -574,6 +576,56 @@ def test_an_aligned_model_is_evaluated_as_trained(ray_session, tmp_path):
     unaligned.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert not torch.allclose(unaligned(to_model_input(batch["image"])), logits, atol=1e-3)
+
+
+class FakePasses:
+    """Stands in for ``evaluation.run_group``: each pass sleeps, counts how many run at once, and
+    returns one marker per part; the passes named in ``fail`` raise a pool timeout."""
+
+    def __init__(self, seconds: float, fail: tuple[str, ...] = ()):
+        self.seconds, self.fail = seconds, fail
+        self.lock, self.running, self.most, self.started = threading.Lock(), 0, 0, []
+
+    def __call__(self, plan, group, env, images):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+            self.started.append(group[0])
+        try:
+            time.sleep(self.seconds[group[0]] if isinstance(self.seconds, dict) else self.seconds)
+            if group[0] in self.fail:
+                raise GetTimeoutError("no resources")
+            return {f"predictions/{part}": {"rows": 1} for part in group}
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def _plan(concurrent: int):
+    return SimpleNamespace(cfg=load_config(ExperimentJobConfig, None, [
+        "models=[{name: bagnet9_small}]", f"compute.concurrent_models={concurrent}"]))
+
+
+@pytest.mark.parametrize("concurrent", [1, 2, 3])
+def test_model_passes_run_concurrent_models_at_a_time(monkeypatch, concurrent):
+    fake = FakePasses(0.3)
+    monkeypatch.setattr(evaluation, "run_group", fake)
+    totals = evaluation.RunTotals()
+    evaluation.run_passes(_plan(concurrent), {m: [m] for m in "abcd"}, None, None, totals)
+    assert fake.most == concurrent and sorted(fake.started) == list("abcd")
+    assert sorted(totals.markers) == [f"predictions/{m}" for m in "abcd"]
+
+
+def test_after_a_failed_pass_no_new_pass_starts_and_the_running_ones_are_kept(monkeypatch):
+    """b's pool times out while a runs: a finishes and keeps its parts, d never starts (c may
+    have taken b's place already), and the error names b's pool."""
+    fake = FakePasses({"a": 1.5, "b": 0.1, "c": 1.0, "d": 0.1}, fail=("b",))
+    monkeypatch.setattr(evaluation, "run_group", fake)
+    totals = evaluation.RunTotals()
+    with pytest.raises(evaluation.ActorPoolTimeout, match=r"the 1 replica\(s\) of b \(each num_cpus=1.0"):
+        evaluation.run_passes(_plan(2), {m: [m] for m in "abcd"}, None, None, totals)
+    assert "d" not in fake.started and fake.running == 0
+    assert "predictions/a" in totals.markers and "predictions/b" not in totals.markers
 
 
 def test_a_model_pool_the_cluster_cannot_place_fails_naming_its_resources(ray_session, tmp_path):
