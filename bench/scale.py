@@ -12,7 +12,7 @@ large heatmaps table and over a large summary table, and listing a large ImageNe
     python -m bench.scale --n 16 32 --size 64 --classes 4 --maps 64 --map-size 64 --summary-images 100 --files 2000 \\
         --work /tmp/scale-tiny
     # one measurement only (experiment, report, summary, listing), with experiment-config overrides first:
-    RAY_ADDRESS=127.0.0.1:6379 python -m bench.scale compute.actor_pool_size=2 compute.fast=true \
+    RAY_ADDRESS=127.0.0.1:6379 python -m bench.scale compute.actor_pool_size=2 compute.fast=true \\
         --only experiment --n 1000 4000 --work /tmp/scale --csv bench/out/scale-experiment.csv
 
 Each measurement runs in a fresh subprocess (``--measure``) that prints its own peak RSS
@@ -227,15 +227,8 @@ def main(argv: list[str] | None = None) -> Table:
     work = Path(a.work)
     table = Table(["measurement", "n", "seconds", "peak_rss_mb", "rss_growth_mb", "images_read", "file_reads",
                    "rows_written", "images_evaluated", "bad_in_failures"], info=machine_info())
-    for n in a.n if "experiment" in a.only else ():
-        root = work / f"tree-{n}"
-        if not (root / "val").exists():
-            make_tree(root, n, a.size, a.classes)
-        m = run_measure("experiment", str(root), str(work / "results"), str(n), str(a.size), *a.overrides)
-        table.add(measurement="experiment", n=n, seconds=m["seconds"], peak_rss_mb=m["peak_rss_mb"],
-                  rss_growth_mb=m["rss_growth_mb"], images_read=m["images_read"], file_reads=m["file_reads"],
-                  rows_written=m["rows_written"],
-                  images_evaluated=m["images_evaluated"], bad_in_failures=m["bad_files_in_failures"])
+    if "experiment" in a.only:
+        measure_experiments_at_scale(table, work, a.n, a.size, a.classes, a.overrides)
     if "report" in a.only:
         measure_report_at_scale(table, work, a.maps, a.map_size)
     if "summary" in a.only:
@@ -244,6 +237,19 @@ def main(argv: list[str] | None = None) -> Table:
         measure_listing_at_scale(table, work, a.files, a.classes)
     table.write_csv(a.csv)
     return table
+
+
+def measure_experiments_at_scale(table: Table, work: Path, ns: Sequence[int], size: int, classes: int,
+                                 overrides: Sequence[str]) -> None:
+    for n in ns:
+        root = work / f"tree-{n}"
+        if not (root / "val").exists():
+            make_tree(root, n, size, classes)
+        m = run_measure("experiment", str(root), str(work / "results"), str(n), str(size), *overrides)
+        table.add(measurement="experiment", n=n, seconds=m["seconds"], peak_rss_mb=m["peak_rss_mb"],
+                  rss_growth_mb=m["rss_growth_mb"], images_read=m["images_read"], file_reads=m["file_reads"],
+                  rows_written=m["rows_written"],
+                  images_evaluated=m["images_evaluated"], bad_in_failures=m["bad_files_in_failures"])
 
 
 def measure_report_at_scale(table: Table, work: Path, maps: int, map_size: int) -> None:
