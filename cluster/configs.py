@@ -300,8 +300,10 @@ class TrainStage:
     storage_path: str = "results/train"
     overrides: list[str] = field(default_factory=list)  # applied to every training run
     seeds: list[int] = field(default_factory=lambda: [0])  # run.seed of each model's runs; several: "<model>-seed<s>"
+    concurrent_runs: int = 1  # training runs at once: one's Ray Train start-up overlaps another's epochs
 
     def validate(self) -> None:
+        require(self.concurrent_runs >= 1, "concurrent_runs", f"must be >= 1, got {self.concurrent_runs}")
         require(len(self.seeds) >= 1, "seeds", "list at least one seed")
         require(len(set(self.seeds)) == len(self.seeds), "seeds", f"a seed is listed twice: {self.seeds}")
 

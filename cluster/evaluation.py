@@ -16,6 +16,7 @@ finished parts whose files match their markers and redoes the others. See docs/e
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -23,7 +24,6 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -42,6 +42,7 @@ from bagnet.fast import autocast_context, optimize_for_inference
 from bagnet.imagenet import to_model_input
 from bagnet.models import create_model, model_q
 from bagnet.synthetic import SyntheticWorld
+from cluster.concurrency import run_at_most
 from cluster.configs import ExperimentJobConfig, ModelConfig, looks_like_path
 from cluster.images import ImageReadError, ImageSource, describe, failed_rows, image_dataset
 from cluster.ray_env import data_context, init_ray
@@ -512,26 +513,11 @@ def run_passes(plan: Plan, groups: dict[str, list[Part]], env: dict | None, imag
                totals: RunTotals) -> None:
     """Each model's pass (:func:`run_group`), ``compute.concurrent_models`` at a time, their markers
     into ``totals``. After an error no further pass starts, the running ones finish (their parts
-    are kept), and the error is raised."""
-    if plan.cfg.compute.concurrent_models == 1:  # in this thread, so Ctrl-C stops the pass at once
-        for model, group in groups.items():
-            with pool_timeout(plan, model, totals):
-                totals.markers.update(run_group(plan, group, env, images))
-        return
-    with ThreadPoolExecutor(plan.cfg.compute.concurrent_models, thread_name_prefix="model-pass") as pool:
-        futures = {pool.submit(run_group, plan, group, env, images): model for model, group in groups.items()}
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = next((f for f in futures if f in done and f.exception() is not None), None)
-        if failed is not None:
-            for future in futures:
-                future.cancel()  # passes not started yet; the running ones finish
-        wait(futures)
-    for future in futures:
-        if not future.cancelled() and future.exception() is None:
-            totals.markers.update(future.result())
-    if failed is not None:
-        with pool_timeout(plan, futures[failed], totals):
-            failed.result()
+    are kept), and the error is raised (:func:`cluster.concurrency.run_at_most`)."""
+    run_at_most(plan.cfg.compute.concurrent_models,
+                {model: functools.partial(run_group, plan, group, env, images) for model, group in groups.items()},
+                lambda model, markers: totals.markers.update(markers),
+                guard=lambda model: pool_timeout(plan, model, totals))
 
 
 def run_plan(plan: Plan) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ import ray
 START_ATTEMPTS = 3  # a loaded machine can miss Ray's fixed 30 s raylet start-up wait
 VERBOSE_ENV = "BAGNET_VERBOSE"
 PROGRESS_ENV = "BAGNET_PROGRESS_BARS"
+_INIT_LOCK = threading.Lock()  # jobs run at once (cluster.concurrency) start or join one Ray, not one each
 
 
 class RayAddressError(RuntimeError):
@@ -72,20 +74,21 @@ def quiet_ray() -> None:
 def init_ray(num_cpus: int | None = None, quiet: bool = True, **kwargs) -> dict:
     """Connect to ``RAY_ADDRESS`` or start Ray locally; returns the cluster's resources.
 
-    Reuses an already initialised Ray (tests share one instance). ``num_cpus`` only sizes a local
-    instance (a cluster brings its own resources); a local start that times out (raylet start-up
-    on an overloaded machine) is retried. ``quiet`` hides Ray Data's per-dataset execution
+    Reuses an already initialised Ray (tests share one instance; concurrent callers wait for the
+    first). ``num_cpus`` only sizes a local instance (a cluster brings its own resources); a local
+    start that times out (raylet start-up on an overloaded machine) is retried. ``quiet`` hides Ray Data's per-dataset execution
     banners; with ``BAGNET_VERBOSE`` unset the job's workers log at WARNING (see the module doc).
     """
-    if not ray.is_initialized():
-        quiet_ray()
-        kwargs.setdefault("log_to_driver", True)
-        if not verbose():
-            kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="WARNING"))
-        if address := cluster_address():
-            ray.init(address=address, **kwargs)
-        else:
-            _start_local(num_cpus=num_cpus, **kwargs)
+    with _INIT_LOCK:
+        if not ray.is_initialized():
+            quiet_ray()
+            kwargs.setdefault("log_to_driver", True)
+            if not verbose():
+                kwargs.setdefault("logging_config", ray.LoggingConfig(log_level="WARNING"))
+            if address := cluster_address():
+                ray.init(address=address, **kwargs)
+            else:
+                _start_local(num_cpus=num_cpus, **kwargs)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = progress_bars()
     if quiet:

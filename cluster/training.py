@@ -45,7 +45,7 @@ from bagnet.models import ModelSpec, create_model, model_bytes
 from bagnet.training import evaluate, make_optimizer, train_epoch
 from cluster.configs import TrainJobConfig
 from cluster.images import TrainData
-from cluster.ray_env import verbose
+from cluster.ray_env import init_ray, verbose
 from store import storage
 from store.results import CONFIG_FILE, METRICS_FILE, MODEL_FILE, RerunMismatch, check_fingerprint
 
@@ -274,7 +274,8 @@ def train_loop(loop_config: dict[str, TrainTask]) -> None:
     cfg, spec = task.job, task.spec
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    log = (lambda msg: print(f"[train] {msg}", flush=True)) if rank == 0 else None
+    prefix = f"[train {task.run_dir.rstrip('/').rsplit('/', 1)[-1]}]"  # the run's name: runs may train at once
+    log = (lambda msg: print(f"{prefix} {msg}", flush=True)) if rank == 0 else None
     if not verbose():  # Train's INFO lines (each report, each checkpoint) reach the console through the root logger
         logging.getLogger().setLevel(logging.WARNING)
 
@@ -385,6 +386,25 @@ def release_placement_group(run_dir: str) -> bool:
     return True
 
 
+def check_runs_fit(cfg: TrainJobConfig, at_once: int, key: str) -> None:
+    """ConfigError naming ``key`` unless the cluster holds ``at_once`` runs of ``cfg`` together:
+    each run's workers (``scaling``) plus one data task (``data.num_cpus``), which cannot start while
+    the runs' workers hold every CPU, so the runs would wait for each other forever."""
+    if at_once == 1:
+        return
+    have = init_ray()
+    workers = {"CPU": cfg.scaling.num_workers * cfg.scaling.cpus_per_worker,
+               "GPU": cfg.scaling.num_workers * cfg.scaling.gpus_per_worker if cfg.scaling.use_gpu else 0.0}
+    need = {"CPU": at_once * workers["CPU"] + cfg.data.num_cpus, "GPU": at_once * workers["GPU"]}
+    for resource, amount in need.items():
+        if amount > have.get(resource, 0.0) + 1e-9:
+            raise ConfigError(
+                f"{key}: {at_once} training runs at once need {amount:g} {resource}s ({at_once} x {workers[resource]:g} "
+                f"for the workers (scaling.num_workers x scaling.{resource.lower()}s_per_worker)"
+                + (f", plus {cfg.data.num_cpus:g} for the data tasks (data.num_cpus)" if resource == "CPU" else "")
+                + f"); the cluster has {have.get(resource, 0.0):g}. Lower {key} or the per-run resources")
+
+
 def export_model(checkpoint: ray.train.Checkpoint, path: str) -> None:
     """Write the checkpoint's model with its spec as a ``model.pt`` for ``create_model``."""
     state = checkpoint_state(checkpoint)
@@ -413,5 +433,5 @@ __all__ = [
     "STATE_FILE", "METRICS_FILE", "MODEL_FILE", "TrainTask", "TrainResult", "ray_storage", "run_dir",
     "fingerprint", "check_rerun", "model_spec", "checkpoint_dir_name", "checkpoint_epoch", "checkpoint_state",
     "write_metrics", "TENSORBOARD_FILE", "run_hparams", "write_tensorboard", "shuffle_seed", "ordered_ingest",
-    "train_loop", "build_trainer", "export_model", "fit",
+    "train_loop", "build_trainer", "check_runs_fit", "export_model", "fit",
 ]

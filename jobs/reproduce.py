@@ -18,6 +18,7 @@ wrote (their ``model.pt``), whatever weights the experiment config names for the
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ if __package__ in (None, ""):  # `python jobs/reproduce.py` from a checkout
 
 from analysis.report import build_report
 from bagnet.config import ConfigError, dump_yaml, load_config, updated
+from cluster import training
+from cluster.concurrency import run_at_most
 from cluster.configs import CONFIG_DIR, ExperimentJobConfig, ReproduceConfig, TrainJobConfig, config_path
 from cluster.paths import job_paths
 from jobs import experiment, train
@@ -49,6 +52,21 @@ def experiment_configs(cfg: ReproduceConfig) -> list[ExperimentJobConfig]:
     return [job_paths(cfg.experiment_config(seed)) for seed in cfg.train.seeds]
 
 
+def train_all(runs: dict[str, TrainJobConfig], at_once: int) -> None:
+    """Every training run, ``at_once`` at a time (``train.concurrent_runs``); after a failed run no
+    further one starts and the running ones finish."""
+    try:
+        training.check_runs_fit(next(iter(runs.values())), at_once, "train.concurrent_runs")
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
+
+    def one(i: int, name: str) -> dict:
+        print(f"[reproduce] training {i}/{len(runs)}: {name}", flush=True)
+        return train.train(runs[name], name)
+
+    run_at_most(at_once, {name: functools.partial(one, i, name) for i, name in enumerate(runs, 1)})
+
+
 def run_stages(cfg: ReproduceConfig) -> dict:
     """Train, run the experiments, build the report; each stage resumes what it finished before."""
     try:
@@ -57,9 +75,7 @@ def run_stages(cfg: ReproduceConfig) -> dict:
         raise SystemExit(f"error: {err}") from None
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    for i, (name, run_cfg) in enumerate(runs.items(), 1):
-        print(f"[reproduce] training {i}/{len(runs)}: {name}", flush=True)
-        train.train(run_cfg, name)
+    train_all(runs, cfg.train.concurrent_runs)
     timings["train_s"] = time.perf_counter() - start
 
     mark = time.perf_counter()

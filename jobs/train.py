@@ -88,11 +88,11 @@ def _train(cfg: TrainJobConfig, name: str) -> dict:
     except ConfigError as err:
         raise SystemExit(f"error: {err}") from None
     last = result.metrics.iloc[-1]
-    print(f"done in {result.seconds:.0f} s: val top-1 {last['val_top1']:.3f}, top-5 {last['val_top5']:.3f} "
+    print(f"{name}: done in {result.seconds:.0f} s: val top-1 {last['val_top1']:.3f}, top-5 {last['val_top5']:.3f} "
           f"after {len(result.metrics)} epochs")
     if cfg.data.dataset == "synthetic":
         by_kind = cfg.data.world().kind_accuracy(last["val_top1_per_class"])
-        print("val top-1 by class kind: " + ", ".join(f"{kind} {acc:.3f}" for kind, acc in by_kind.items()))
+        print(f"{name}: val top-1 by class kind: " + ", ".join(f"{kind} {acc:.3f}" for kind, acc in by_kind.items()))
     if (skipped := skipped_images(run_dir).num_rows):
         print(f"{skipped} undecodable image(s) skipped, listed in {run_dir}/_skipped-*.parquet")
     print(f"checkpoints: {result.checkpoints}\nmetrics:     {result.metrics_path}\nmodel:       {result.model_path}")

@@ -1,15 +1,17 @@
 """Ray Train end to end on the synthetic world: learning, export with the model's spec, resume,
-worker failure, and the rerun check (the last without Ray)."""
+worker failure, two runs at once, and the rerun check (the last without Ray)."""
+
+import time
 
 import pandas as pd
 import pytest
 import torch
 
-from bagnet.config import ConfigError, dump_yaml, load_config
+from bagnet.config import ConfigError, dump_yaml, load_config, updated
 from bagnet.models import create_model
 from cluster import training
 from cluster.configs import TrainJobConfig
-from jobs import train
+from jobs import reproduce, train
 
 TINY = ["model.name=bagnet9_small", "data.train_size=256", "data.val_size=128",
         "optim.batch_size=32", "optim.epochs=3", "run.log_every=1000"]
@@ -88,3 +90,39 @@ def test_kind_accuracy_groups_synthetic_classes():
     by_kind = cfg.data.world().kind_accuracy(per_class)
     assert by_kind["local motifs"] == 1.0 and set(by_kind) == set(kinds)
     assert all(acc == 0.0 for kind, acc in by_kind.items() if kind != "local motifs")
+
+
+def test_two_runs_at_once_both_finish_and_overlap(ray_session, tmp_path, monkeypatch):
+    """The reproduce run's train stage with ``train.concurrent_runs=2`` on the 2-CPU session: two
+    one-worker runs (0.5 CPU each) and their data tasks (1 CPU) fit, so both train at once."""
+    spans, real_train = {}, train.train
+
+    def timed(cfg, name):
+        start = time.monotonic()
+        try:
+            return real_train(cfg, name)
+        finally:
+            spans[name] = (start, time.monotonic())
+
+    monkeypatch.setattr(train, "train", timed)
+    one_worker = [*TINY, "optim.epochs=2", "scaling.num_workers=1", f"run.storage_path={tmp_path}"]
+    runs = {name: load_config(TrainJobConfig, train.DEFAULT_CONFIG, [*one_worker, f"run.name={name}", f"run.seed={seed}"])
+            for seed, name in enumerate(("a", "b"))}
+    reproduce.train_all(runs, 2)
+    assert max(start for start, _ in spans.values()) < min(end for _, end in spans.values())  # they overlapped
+    for name in runs:
+        metrics = pd.read_parquet(tmp_path / name / training.METRICS_FILE)
+        assert list(metrics["epoch"]) == [0, 1] and (tmp_path / name / training.MODEL_FILE).exists()
+
+
+def test_runs_that_cannot_fit_together_are_refused_naming_the_key(ray_session):
+    """Two runs of two 0.5-CPU workers hold both CPUs of the session: their data tasks could never
+    start, so the stage is refused before it trains, with the numbers."""
+    two_workers = load_config(TrainJobConfig, train.DEFAULT_CONFIG, ["scaling.num_workers=2"])
+    with pytest.raises(ConfigError, match=r"train\.concurrent_runs: 2 training runs at once need 3 CPUs \(2 x 1 for "
+                                          r"the workers .*plus 1 for the data tasks .*the cluster has 2\."):
+        training.check_runs_fit(two_workers, 2, "train.concurrent_runs")
+    training.check_runs_fit(two_workers, 1, "train.concurrent_runs")
+    training.check_runs_fit(updated(two_workers, {"scaling": {"num_workers": 1}}), 2, "train.concurrent_runs")
+    with pytest.raises(SystemExit, match=r"train\.concurrent_runs: 2 training runs at once need 3 CPUs"):
+        reproduce.train_all({"a": two_workers, "b": two_workers}, 2)
