@@ -2,14 +2,16 @@
 
 Each job is a blocking call that drives Ray (``TorchTrainer.fit``, a Ray Data pipeline); running
 two at once lets one job's start-up (controller, worker processes, actors, first data) overlap
-another's compute. One at a time, the jobs run in the calling thread, so Ctrl-C stops one at once.
+another's compute. One at a time, the jobs run in the calling thread. Several run in daemon
+threads, so Ctrl-C stops the caller at once, as with one: the process exits without waiting for
+them, and Ray ends the actors it started for them (their driver is gone).
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from typing import ContextManager, TypeVar
 
 K = TypeVar("K")
@@ -38,17 +40,34 @@ def run_at_most(at_once: int, jobs: Mapping[K, Callable[[], T]], on_result: Call
             with guard(key):
                 on_result(key, job())
         return
-    with ThreadPoolExecutor(at_once, thread_name_prefix="job") as pool:
-        futures = {pool.submit(job): key for key, job in jobs.items()}
-        done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = next((f for f in futures if f in done and f.exception() is not None), None)
-        if failed is not None:
-            for future in futures:
-                future.cancel()  # the jobs not started yet; the running ones finish
-        wait(futures)
-    for future, key in futures.items():
-        if not future.cancelled() and future.exception() is None:
-            on_result(key, future.result())
-    if failed is not None:
-        with guard(futures[failed]):
-            failed.result()
+    results: dict[K, T] = {}
+    failures: list[tuple[K, BaseException]] = []  # in the order they happened
+    lock, slots = threading.Lock(), threading.Semaphore(at_once)
+
+    def run(key: K, job: Callable[[], T]) -> None:
+        try:
+            value = job()
+            with lock:
+                results[key] = value
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread below
+            with lock:
+                failures.append((key, err))
+        finally:
+            slots.release()
+
+    threads = []
+    for key, job in jobs.items():
+        slots.acquire()
+        if failures:
+            break
+        threads.append(threading.Thread(target=run, args=(key, job), name=f"job-{key}", daemon=True))
+        threads[-1].start()
+    for thread in threads:
+        thread.join()
+    for key in jobs:
+        if key in results:
+            on_result(key, results[key])
+    if failures:
+        key, err = failures[0]
+        with guard(key):
+            raise err

@@ -1,6 +1,8 @@
 """cluster.concurrency.run_at_most: jobs a given number at a time, and what happens after a failure."""
 
 import contextlib
+import os
+import signal
 import threading
 import time
 
@@ -78,3 +80,26 @@ def test_after_a_failure_no_job_starts_the_running_finish_and_the_error_passes_t
 def test_at_once_below_one_is_refused():
     with pytest.raises(ValueError, match="at_once must be >= 1, got 0"):
         run_at_most(0, {})
+
+
+def test_ctrl_c_stops_the_caller_at_once_and_starts_no_further_job():
+    """SIGINT while two jobs run: the caller gets KeyboardInterrupt without waiting for them
+    (they run in daemon threads), and the third job never starts."""
+    release, started = threading.Event(), []
+
+    def job(key, interrupt=False):
+        def call():
+            started.append(key)
+            if interrupt:
+                time.sleep(0.2)
+                os.kill(os.getpid(), signal.SIGINT)
+            release.wait(60)
+        return call
+
+    begin = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_at_most(2, {"a": job("a", interrupt=True), "b": job("b"), "c": job("c")})
+        assert time.monotonic() - begin < 30 and sorted(started) == ["a", "b"]
+    finally:
+        release.set()

@@ -1,7 +1,5 @@
 """Ray Train end to end on the synthetic world: learning, export with the model's spec, resume,
-worker failure, two runs at once, and the rerun check (the last without Ray)."""
-
-import time
+worker failure, runs too large to train at once, and the rerun check (the last without Ray)."""
 
 import pandas as pd
 import pytest
@@ -90,29 +88,6 @@ def test_kind_accuracy_groups_synthetic_classes():
     by_kind = cfg.data.world().kind_accuracy(per_class)
     assert by_kind["local motifs"] == 1.0 and set(by_kind) == set(kinds)
     assert all(acc == 0.0 for kind, acc in by_kind.items() if kind != "local motifs")
-
-
-def test_two_runs_at_once_both_finish_and_overlap(ray_session, tmp_path, monkeypatch):
-    """The reproduce run's train stage with ``train.concurrent_runs=2`` on the 2-CPU session: two
-    one-worker runs (0.5 CPU each) and their data tasks (1 CPU) fit, so both train at once."""
-    spans, real_train = {}, train.train
-
-    def timed(cfg, name):
-        start = time.monotonic()
-        try:
-            return real_train(cfg, name)
-        finally:
-            spans[name] = (start, time.monotonic())
-
-    monkeypatch.setattr(train, "train", timed)
-    one_worker = [*TINY, "optim.epochs=2", "scaling.num_workers=1", f"run.storage_path={tmp_path}"]
-    runs = {name: load_config(TrainJobConfig, train.DEFAULT_CONFIG, [*one_worker, f"run.name={name}", f"run.seed={seed}"])
-            for seed, name in enumerate(("a", "b"))}
-    reproduce.train_all(runs, 2)
-    assert max(start for start, _ in spans.values()) < min(end for _, end in spans.values())  # they overlapped
-    for name in runs:
-        metrics = pd.read_parquet(tmp_path / name / training.METRICS_FILE)
-        assert list(metrics["epoch"]) == [0, 1] and (tmp_path / name / training.MODEL_FILE).exists()
 
 
 def test_runs_that_cannot_fit_together_are_refused_naming_the_key(ray_session):

@@ -1,15 +1,19 @@
 """What a training run shows: TensorBoard event files beside metrics.parquet (read back with
-TensorBoard's own reader, local and on S3) and a console with one line per epoch."""
+TensorBoard's own reader, local and on S3) and a console with one line per epoch, also with two
+runs training at once."""
 
 import re
+import time
 
 import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+from bagnet.config import load_config
 from cluster import ray_env, training
-from jobs import train
+from cluster.configs import TrainJobConfig
+from jobs import reproduce, train
 from store import storage
 
 
@@ -51,18 +55,35 @@ def test_event_file_on_s3(s3_bucket, tmp_path):
     assert_events_match(read_events(local), history(2), 0.2)
 
 
-def test_training_run_writes_events_and_one_console_line_per_epoch(ray_session, tmp_path, capfd):
-    out = train.main(["--config", str(train.DEFAULT_CONFIG), f"run.storage_path={tmp_path}", "run.name=tb",
-                      "model.name=bagnet9_small", "data.train_size=128", "data.val_size=64", "optim.batch_size=32",
-                      "optim.epochs=2", "scaling.num_workers=1", "run.log_every=1000"])
+def test_two_runs_at_once_write_events_and_one_console_line_per_epoch_each(ray_session, tmp_path, capfd, monkeypatch):
+    """The reproduce run's train stage with ``train.concurrent_runs=2`` on the 2-CPU session: two
+    one-worker runs (0.5 CPU each) and their data tasks (1 CPU) fit, so both train at once; each
+    epoch line names its run and comes once."""
+    spans, real_train = {}, train.train
+
+    def timed(cfg, name):
+        start = time.monotonic()
+        try:
+            return real_train(cfg, name)
+        finally:
+            spans[name] = (start, time.monotonic())
+
+    monkeypatch.setattr(train, "train", timed)
+    tiny = ["model.name=bagnet9_small", "data.train_size=128", "data.val_size=64", "optim.batch_size=32",
+            "optim.epochs=2", "scaling.num_workers=1", "run.log_every=1000", f"run.storage_path={tmp_path}"]
+    runs = {name: load_config(TrainJobConfig, train.DEFAULT_CONFIG, [*tiny, f"run.name={name}", f"run.seed={seed}"])
+            for seed, name in enumerate(("tb0", "tb1"))}
+    reproduce.train_all(runs, 2)
+    assert max(start for start, _ in spans.values()) < min(end for _, end in spans.values())  # they overlapped
     console = capfd.readouterr()
     text = console.out + console.err
-    epochs = re.findall(r"\[train\] epoch \d+/2 .*", text)
-    assert [line.split()[2] for line in epochs] == ["1/2", "2/2"], text[-3000:]  # once each: no duplicated line
+    for name in runs:
+        epochs = re.findall(rf"\[train {name}\] epoch \d+/2 .*", text)
+        assert [line.split()[3] for line in epochs] == ["1/2", "2/2"], text[-3000:]  # once each: no duplicated line
+        metrics = pd.read_parquet(tmp_path / name / "metrics.parquet")
+        assert_events_match(read_events(tmp_path / name), metrics.to_dict("records"), 0.4)  # synthetic.yaml's optim.lr
     assert "TrainingReport(" not in text and "Checkpoint successfully created" not in text
     assert "DeprecationWarning" not in text
-    metrics = pd.read_parquet(tmp_path / "tb" / "metrics.parquet")
-    assert_events_match(read_events(out["run_dir"]), metrics.to_dict("records"), 0.4)  # synthetic.yaml's optim.lr
 
 
 @pytest.mark.parametrize("tty, forced, on", [(True, None, True), (False, None, False), (False, "1", True),
