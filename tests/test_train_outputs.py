@@ -69,7 +69,7 @@ def test_two_runs_at_once_write_events_and_one_console_line_per_epoch_each(ray_s
             spans[name] = (start, time.monotonic())
 
     monkeypatch.setattr(train, "train", timed)
-    tiny = ["model.name=bagnet9_small", "data.train_size=128", "data.val_size=64", "optim.batch_size=32",
+    tiny = ["model.name=bagnet9_small", "data.train_size=64", "data.val_size=32", "optim.batch_size=32",
             "optim.epochs=2", "scaling.num_workers=1", "run.log_every=1000", f"run.storage_path={tmp_path}"]
     runs = {name: load_config(TrainJobConfig, train.DEFAULT_CONFIG, [*tiny, f"run.name={name}", f"run.seed={seed}"])
             for seed, name in enumerate(("tb0", "tb1"))}
