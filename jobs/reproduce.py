@@ -6,7 +6,8 @@
 
 With several ``train.seeds`` every model is trained once per seed (``<model>-seed<s>``), the
 experiments run once per seed on that seed's models (run ``<run_id>-seed<s>``), and the report
-shows every number as its mean ± spread over the seeds.
+shows every number as its mean ± spread over the seeds. ``train.concurrent_runs`` trains that many
+runs at once (refused, with the numbers, when their workers and data tasks do not fit the cluster).
 
 Each stage skips what a previous run already finished: training runs that are complete are not
 retrained (an interrupted one resumes from its checkpoint), finished experiment parts are not
