@@ -228,7 +228,7 @@ class ComputeConfig:
     forward_batch_size: int | None = None  # largest forward batch of perturbed variants (default batch_size)
     actor_pool_size: int = 1  # model replicas in each model's pass
     # Model passes at once, each its own pipeline and pool: the next model's actors start while a
-    # pass runs (the cluster needs the CPUs/GPUs of that many pools; Ctrl-C waits for running passes).
+    # pass runs (the cluster needs the CPUs/GPUs of that many pools).
     concurrent_models: int = 1
     # Wait this long for all replicas before images flow, then fail naming the resources
     # (None: start with the first ready replica; Ray adds the rest as they come).

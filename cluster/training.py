@@ -163,7 +163,7 @@ def checkpoint_dir_name(epoch: int) -> str:
 
 def checkpoint_epoch(path: str) -> int:
     """The epoch of the checkpoint at ``path`` (a directory :func:`checkpoint_dir_name` named)."""
-    return int(path.rstrip("/").rsplit("/", 1)[-1].removeprefix(CHECKPOINT_PREFIX))
+    return int(storage.name(path).removeprefix(CHECKPOINT_PREFIX))
 
 
 def checkpoint_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
@@ -274,7 +274,7 @@ def train_loop(loop_config: dict[str, TrainTask]) -> None:
     cfg, spec = task.job, task.spec
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    prefix = f"[train {task.run_dir.rstrip('/').rsplit('/', 1)[-1]}]"  # the run's name: runs may train at once
+    prefix = f"[train {storage.name(task.run_dir)}]"  # the run's name: runs may train at once
     log = (lambda msg: print(f"{prefix} {msg}", flush=True)) if rank == 0 else None
     if not verbose():  # Train's INFO lines (each report, each checkpoint) reach the console through the root logger
         logging.getLogger().setLevel(logging.WARNING)

@@ -37,6 +37,11 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base, *(p.strip("/") for p in parts)])
 
 
+def name(path: str) -> str:
+    """The last part of a local path or URI (``s3://b/runs/a/`` -> ``a``)."""
+    return str(path).rstrip("/").rsplit("/", 1)[-1]
+
+
 def endpoint_url() -> str | None:
     """The S3 endpoint override, if any (``AWS_ENDPOINT_URL_S3`` wins over ``AWS_ENDPOINT_URL``)."""
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")

@@ -12,10 +12,11 @@ from cluster.concurrency import run_at_most
 
 
 class Jobs:
-    """Jobs that sleep, record their thread and how many ran at once; those in ``fail`` raise."""
+    """Jobs that sleep, record their thread and how many ran at once; those in ``fail`` raise
+    ``error``."""
 
-    def __init__(self, seconds: dict[str, float], fail: tuple[str, ...] = ()):
-        self.seconds, self.fail = seconds, fail
+    def __init__(self, seconds: dict[str, float], fail: tuple[str, ...] = (), error: type[Exception] = RuntimeError):
+        self.seconds, self.fail, self.error = seconds, fail, error
         self.lock, self.running, self.most, self.started, self.threads = threading.Lock(), 0, 0, [], set()
 
     def job(self, key: str):
@@ -28,7 +29,7 @@ class Jobs:
             try:
                 time.sleep(self.seconds[key])
                 if key in self.fail:
-                    raise RuntimeError(f"{key} failed")
+                    raise self.error(f"{key} failed")
                 return key.upper()
             finally:
                 with self.lock:

@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -37,6 +36,7 @@ from cluster.configs import ExperimentJobConfig, ModelConfig
 from jobs import experiment as job
 from store import results, storage
 from tests.cluster_utils import second_driver_env
+from tests.test_concurrency import Jobs
 from tests.fixtures_s3 import storage_options
 
 N_IMAGES = 32
@@ -578,27 +578,18 @@ def test_an_aligned_model_is_evaluated_as_trained(ray_session, tmp_path):
         assert not torch.allclose(unaligned(to_model_input(batch["image"])), logits, atol=1e-3)
 
 
-class FakePasses:
-    """Stands in for ``evaluation.run_group``: each pass sleeps, counts how many run at once, and
-    returns one marker per part; the passes named in ``fail`` raise a pool timeout."""
+class FakePasses(Jobs):
+    """Stands in for ``evaluation.run_group``: the fake jobs of tests/test_concurrency.py, one per
+    group (named by its first part), returning one marker per part; those in ``fail`` raise a
+    pool timeout."""
 
-    def __init__(self, seconds: float, fail: tuple[str, ...] = ()):
-        self.seconds, self.fail = seconds, fail
-        self.lock, self.running, self.most, self.started = threading.Lock(), 0, 0, []
+    def __init__(self, seconds: float | dict[str, float], fail: tuple[str, ...] = ()):
+        super().__init__(seconds if isinstance(seconds, dict) else dict.fromkeys("abcd", seconds), fail,
+                         GetTimeoutError)
 
     def __call__(self, plan, group, env, images):
-        with self.lock:
-            self.running += 1
-            self.most = max(self.most, self.running)
-            self.started.append(group[0])
-        try:
-            time.sleep(self.seconds[group[0]] if isinstance(self.seconds, dict) else self.seconds)
-            if group[0] in self.fail:
-                raise GetTimeoutError("no resources")
-            return {f"predictions/{part}": {"rows": 1} for part in group}
-        finally:
-            with self.lock:
-                self.running -= 1
+        self.job(group[0])()
+        return {f"predictions/{part}": {"rows": 1} for part in group}
 
 
 def _plan(concurrent: int):
